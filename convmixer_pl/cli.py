@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, RichModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from .data import ImageDataModule
 from .module import ConvMixerClassifier
+from .plots import PlotWriter
+from .predict import FolderPredictDataModule, PredictionWriter, folder_data_args
+from .reliability import (
+    FaultTolerance,
+    TrainingStopped,
+    check_compatible,
+    check_resumable,
+    check_writable,
+    read_checkpoint,
+)
+from .throughput import ThroughputCallback
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 
@@ -22,7 +37,8 @@ class CLIError(ValueError):
 
 
 def _say(message: str) -> None:
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+    # once per job: torchrun sets RANK, srun SLURM_PROCID, Lightning's own launcher LOCAL_RANK and NODE_RANK
+    if all(int(os.environ.get(key, 0)) == 0 for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")):
         print(f"convmixer: {message}", file=sys.stderr)
 
 
@@ -40,13 +56,74 @@ def best_or_last(dirpath: Path) -> Path | None:
     return last
 
 
+def default_loggers(root: str) -> list:
+    """TensorBoard and CSV logs in one folder per run: <root>/lightning_logs/version_N/."""
+    tensorboard = TensorBoardLogger(root)
+    csv = CSVLogger(root, version=tensorboard.version)
+    csv.experiment  # noqa: B018 -- opens the folder while empty: later, CSVLogger warns about files in it
+    return [tensorboard, csv]
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose last.ckpt follows every epoch (every validation), improved or not.
+
+    Lightning 2.6 rewrites last.ckpt only when it also writes a top-k file, so after an epoch that does not improve
+    the monitored metric, `--ckpt_path last` would resume from the best epoch and redo the later ones.
+    """
+
+    @property
+    def state_key(self) -> str:  # checkpoints keep a plain ModelCheckpoint's key (best_or_last reads it)
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips if saved at this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ConvMixerParser(LightningArgumentParser):
+    """A bad key or value is one line naming it (not the whole usage text); exit code 2 as before."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("CONVMIXER_DEBUG"):
+            return super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        print(f"convmixer: error: {_short_parser_message(message)} (`{prog} --help` lists the options)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def _short_parser_message(message: str) -> str:
+    """jsonargparse's message on one line; its multi-line "Union subtypes" report cut to key, value and types."""
+    text = " ".join(message.split())
+    union = re.match(r'(Parser key "[^"]+"): Does not validate against any of the Union subtypes Subtypes: '
+                     r'\[(.*?)\] Errors: .* Given value: (.*)$', text)
+    if union:
+        types = [name.rsplit(".", 1)[-1].replace("NoneType", "null")
+                 for name in re.findall(r"<class '([\w.]+)'>", union[2])]
+        return f"{union[1]}: got {union[3]!r}, expected {' or '.join(types)}"
+    return text
+
+
 class ConvMixerCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True) -> None:
+        self._checkpoint: tuple[str, dict] | None = None  # the --ckpt_path file, read once to check it
         super().__init__(
             ConvMixerClassifier,
             ImageDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            parser_class=ConvMixerParser,
+            trainer_defaults={"callbacks": [ThroughputCallback()]},  # train/images_per_sec in every fit's logs
             args=args,
             run=run,
         )
@@ -55,7 +132,11 @@ class ConvMixerCLI(LightningCLI):
         parser.add_argument("--name", type=str, default="default",
                             help="Experiment name: checkpoints and logs go to checkpoints/<name>/ unless "
                                  "checkpoint.dirpath says otherwise")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EpochCheckpoint, "checkpoint")
+        # exact resume, reliability.every_n_train_steps saves, signal-safe stops, non-finite-loss guard
+        parser.add_lightning_class_args(FaultTolerance, "reliability")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(PlotWriter, "plots")
         parser.set_defaults({
             "checkpoint.monitor": "val/acc1",
             "checkpoint.mode": "max",
@@ -68,6 +149,10 @@ class ConvMixerCLI(LightningCLI):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        if args is None:  # rewritten in place: DDP ranks re-run sys.argv and must see the same command
+            sys.argv[1:] = folder_data_args(sys.argv[1:])
+        elif isinstance(args, (list, tuple)):
+            args = folder_data_args(list(args))
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand is None:
@@ -77,8 +162,68 @@ class ConvMixerCLI(LightningCLI):
             config.checkpoint.dirpath = str(Path("checkpoints") / config.name)
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = config.checkpoint.dirpath
-        config.ckpt_path = self._resolve_ckpt_path(subcommand, config.ckpt_path, Path(config.checkpoint.dirpath))
+        try:
+            config.ckpt_path = self._resolve_ckpt_path(subcommand, config.ckpt_path, Path(config.checkpoint.dirpath))
+        except CLIError:
+            if not config.model.get("pretrained"):
+                raise
+            # no checkpoint of this run: evaluate the released weights that model.pretrained names
+            _say(f"{subcommand} uses the weights of model.pretrained {config.model.pretrained}")
+        self._check_checkpoint_and_folders(subcommand, config)
+        data = config.get("data")
+        folder = f"{FolderPredictDataModule.__module__}.{FolderPredictDataModule.__name__}"
+        if data is not None and data.get("class_path") == folder and data.init_args.get("ckpt_path") is None:
+            data.init_args.ckpt_path = config.ckpt_path  # preprocessing and class names come from the checkpoint
         self._fall_back_to_cpu(config.trainer)
+
+    def _check_checkpoint_and_folders(self, subcommand: str, config) -> None:
+        """Refuse, in one line, a --ckpt_path that is not a usable checkpoint and a folder that cannot be written."""
+        if config.ckpt_path is not None:  # before Lightning reads it (right after this method)
+            checkpoint = read_checkpoint(config.ckpt_path)
+            if subcommand == "fit":
+                check_resumable(config.ckpt_path, checkpoint)
+            self._checkpoint = (config.ckpt_path, checkpoint)
+            saved = checkpoint.get("hyper_parameters", {})
+            accepted = set(inspect.signature(ConvMixerClassifier.__init__).parameters) | {"_instantiator"}
+            if unknown := sorted(set(saved) - accepted):
+                raise CLIError(f"--ckpt_path {config.ckpt_path} was written by another model (its hyper-parameters "
+                               f"{', '.join(unknown[:5])} are not ConvMixerClassifier's); pass a checkpoint written "
+                               "by `convmixer fit`")
+            differ = [f"{key} {saved[key]} (not {config.model.get(key)})" for key in
+                      ("dim", "depth", "kernel_size", "patch_size", "act")
+                      if key in saved and config.model.get(key) is not None and saved[key] != config.model.get(key)]
+            if differ:
+                _say(f"the model is built as {config.ckpt_path} was trained: " + ", ".join(differ))
+        if subcommand == "fit":
+            check_writable(config.checkpoint.dirpath, "checkpoint.dirpath")
+        if config.trainer.get("logger") is not False:
+            check_writable(config.trainer.default_root_dir, "trainer.default_root_dir")
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self._checkpoint is not None and self.model is not None:
+            check_compatible(*self._checkpoint, self.model)  # e.g. another class count: one line, not a traceback
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        if config.get("ckpt_path") and config.model.get("pretrained"):
+            config.model.pretrained = None  # the checkpoint holds the weights; don't read the file again
+
+    def instantiate_trainer(self, **kwargs):
+        """Default TensorBoard + CSV loggers, a learning-rate monitor and a model summary down to the blocks;
+        a logger, summary or monitor set in the config or on the command line wins."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer.get("callbacks") or [])
+        if trainer.get("logger") in (None, True):
+            kwargs.setdefault("logger", default_loggers(trainer["default_root_dir"]))
+        if trainer.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor())
+        if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary)
+                                                                         for c in callbacks):
+            # Lightning's own choice, Rich where installed, one level deeper: stem, blocks, pooling, head
+            callbacks.append(RichModelSummary(max_depth=2) if _RICH_AVAILABLE else ModelSummary(max_depth=2))
+        kwargs.setdefault("callbacks", callbacks)
+        return super().instantiate_trainer(**kwargs)
 
     @staticmethod
     def _resolve_ckpt_path(subcommand: str, ckpt_path: str | None, dirpath: Path) -> str | None:
@@ -107,13 +252,18 @@ class ConvMixerCLI(LightningCLI):
             return
         changes = []
         if trainer.accelerator in ("gpu", "cuda"):
+            if (trainer.num_nodes or 1) > 1:  # one CPU process per node would wait for GPU ranks that never come
+                raise CLIError(f"trainer.num_nodes is {trainer.num_nodes} with accelerator {trainer.accelerator}, but "
+                               "this machine has no GPU: launch multi-node runs on the GPU nodes "
+                               "(docs/distributed.md), or set --trainer.accelerator cpu for CPU processes")
             changes.append(f"accelerator {trainer.accelerator} -> cpu")
             trainer.accelerator = "cpu"
             if trainer.devices not in (1, "1"):
                 changes.append(f"devices {trainer.devices} -> 1")
                 trainer.devices = 1
             if trainer.strategy not in ("auto", None):
-                changes.append(f"strategy {trainer.strategy} -> auto")
+                strategy = getattr(trainer.strategy, "class_path", trainer.strategy)  # a name or a class_path
+                changes.append(f"strategy {str(strategy).rsplit('.', 1)[-1]} -> auto")
                 trainer.strategy = "auto"
         if trainer.accelerator in ("gpu", "cuda", "cpu", "auto") and str(trainer.precision) in ("16-mixed", "16"):
             changes.append(f"precision {trainer.precision} -> bf16-mixed")
@@ -122,13 +272,39 @@ class ConvMixerCLI(LightningCLI):
             _say("no GPU found; falling back: " + ", ".join(changes))
 
 
+def _one_line(err: BaseException) -> str:
+    """The message of the project's own error behind `err`, on one line.
+
+    jsonargparse wraps errors raised while building the model or data module, and a DataLoader worker re-raises
+    with the worker's traceback in the message; the user needs the original sentence.
+    """
+    chain: list[BaseException] = []
+    while err is not None and len(chain) < 20:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    own = next((e for e in chain if type(e).__module__.startswith("convmixer_pl")), None)
+    if own is None:
+        own = chain[-1] if "\n" in str(chain[0]) and isinstance(chain[-1], ValueError) else chain[0]
+    message = str(own).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1]
+        prefix = f"{type(own).__module__}.{type(own).__qualname__}: "
+        message = message[len(prefix):] if message.startswith(prefix) else message
+    return " ".join(message.split())
+
+
 def main(args=None) -> None:
     try:
         ConvMixerCLI(args=args)
+    except TrainingStopped as err:  # a signal or a non-finite loss: the message says what was saved
+        if os.environ.get("CONVMIXER_DEBUG"):
+            raise
+        print(f"convmixer: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except (ValueError, MisconfigurationException) as err:
         if os.environ.get("CONVMIXER_DEBUG"):
             raise
-        print(f"convmixer: error: {err}", file=sys.stderr)
+        print(f"convmixer: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 

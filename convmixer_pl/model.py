@@ -6,11 +6,12 @@ Layer for layer the official implementation; parameter names follow timm's layou
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.checkpoint import checkpoint
 
 Activation = Literal["gelu", "relu"]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -25,6 +26,19 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x) + x
+
+
+@contextmanager
+def _keep_norm_stats(module: nn.Module):
+    """Restore the BatchNorm buffers of `module` on exit (used around a checkpointed block's recomputation)."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
 
 
 class ConvMixer(nn.Module):
@@ -91,8 +105,12 @@ class ConvMixer(nn.Module):
             raise ValueError(f"ConvMixer: input {tuple(x.shape[-2:])} is smaller than patch_size {self.patch_size}")
         x = self.stem(x)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            # recompute each block in the backward pass instead of storing its activations
-            return checkpoint_sequential(self.blocks, len(self.blocks), x, use_reentrant=False)
+            # recompute each block in the backward pass instead of storing its activations; the recomputation
+            # must not update the BatchNorm running statistics a second time
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=lambda block=block: (nullcontext(), _keep_norm_stats(block)))
+            return x
         return self.blocks(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -8,9 +8,12 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
+from lightning.pytorch.strategies import FSDPStrategy
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from .model import Activation, ConvMixer
+from .weights import load_pretrained
 
 
 def one_cycle(step: int, total_steps: int) -> float:
@@ -19,17 +22,49 @@ def one_cycle(step: int, total_steps: int) -> float:
     return float(np.interp(step, [0, 2 * t / 5, 4 * t / 5, t], [0.0, 1.0, 1 / 20, 0.0]))
 
 
+def use_channels_last(setting: bool | None, device: torch.device, kernel_size: int) -> bool:
+    """`setting`, or where it is None the measured choice: channels-last helps on the CPU and for kernels up to
+    7 on GPUs, and slows kernel-9 models down on GPUs (docs/benchmarks.md)."""
+    if setting is not None:
+        return setting
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and kernel_size <= 7
+
+
 class ConvMixerClassifier(L.LightningModule):
     """ConvMixer image classifier.
 
     Args:
-        dim, depth, kernel_size, patch_size, act: the architecture (see `configs/model/` for the named variants).
-        num_classes, in_chans, image_size: linked from the data module by the CLI.
-        label_smoothing: for the cross-entropy loss.
-        optimizer: "adamw" (the paper's) or "sgd" (momentum 0.9, nesterov).
-        lr: peak learning rate. weight_decay: applied to conv and linear weights only, never to biases or norms.
+        dim: Channels of every layer (the "h" of ConvMixer-h/d).
+        depth: Number of mixing blocks (the "d").
+        kernel_size: Depthwise kernel size (odd).
+        patch_size: Patch-embedding stride and kernel size.
+        act: Activation, gelu or relu.
+        num_classes: Classes; linked from the data module by the CLI.
+        in_chans: Input channels; linked from the data module by the CLI.
+        image_size: Input size; linked from the data module by the CLI.
+        label_smoothing: Label smoothing of the cross-entropy loss.
+        optimizer: adamw (the paper's) or sgd (momentum 0.9, Nesterov).
+        lr: Peak learning rate.
+        weight_decay: Applied to conv and linear weights only, never to biases or norms.
         opt_eps: AdamW epsilon (the paper uses 1e-3).
-        scheduler: "onecycle" (the paper's triangle, stepped every optimizer step), "cosine" or "constant".
+        scheduler: onecycle (the paper's triangle, stepped every optimizer step), cosine or constant.
+        pretrained: Weights file to start from: an official release (.pth.tar), a timm file (.pth/.safetensors)
+            or a checkpoint of ours; the layout is detected. A head for another class count is re-initialised.
+        channels_last: Run in the channels-last memory format. None (default) decides by measurement: on for the
+            CPU and for kernel_size <= 7 on GPUs, off for kernel_size 9 on GPUs (see docs/benchmarks.md).
+        compile: Compile the network with `torch.compile` when the trainer starts (the weights' names stay).
+        compile_mode: The `torch.compile` mode.
+        grad_checkpointing: Recompute each block's activations in the backward pass instead of storing them:
+            less memory for big variants, same gradients, about one more forward pass of time.
+        class_names: Class names, in label order.
+        mean: Per-channel normalisation mean of the input images.
+        std: Per-channel normalisation std of the input images.
+        crop_pct: Evaluation resize: the short side goes to image_size / crop_pct, then a center crop.
+        interpolation: Evaluation resize interpolation.
+            These five are filled from the data module at fit time and stored in every checkpoint, so
+            `convmixer predict` and exports preprocess new images as in training without the training data.
     """
 
     def __init__(
@@ -48,18 +83,63 @@ class ConvMixerClassifier(L.LightningModule):
         weight_decay: float = 0.01,
         opt_eps: float = 1e-3,
         scheduler: Literal["onecycle", "cosine", "constant"] = "onecycle",
+        pretrained: str | None = None,
+        channels_last: bool | None = None,
+        compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
+        grad_checkpointing: bool = False,
+        class_names: list[str] | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = ConvMixer(dim, depth, kernel_size, patch_size, in_chans, num_classes, act, image_size)
+        self.model = ConvMixer(dim, depth, kernel_size, patch_size, in_chans, num_classes, act, image_size,
+                               grad_checkpointing=grad_checkpointing)
+        self._channels_last = self._compiled = False  # applied in setup(), once the device is known
+        if pretrained:
+            load_pretrained(self.model, pretrained)
         top_k = min(5, num_classes)
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
             for stage in ("val", "test") for name, k in (("acc1", 1), ("acc5", top_k))
         })
+        self.test_confmat = MulticlassConfusionMatrix(num_classes)  # read by plots.PlotWriter after a test
+        # per-sample mean loss, exact across DDP ranks holding different sample counts (Lightning's sync_dist
+        # averages the sample count as an integer and rounds it)
+        self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        kwargs.setdefault("pretrained", None)  # the checkpoint holds the weights: don't read model.pretrained again
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device
+        if use_channels_last(self.hparams.channels_last, device, self.hparams.kernel_size) and not self._channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self._channels_last = True
+        if self.hparams.compile and not self._compiled:
+            self.model.compile(mode=self.hparams.compile_mode)  # in place: state_dict keys are unchanged
+            self._compiled = True
+        self._remember_preprocessing(stage)
+
+    def _remember_preprocessing(self, stage: str) -> None:
+        """Copy the data module's class names and normalisation into the hyper-parameters (saved in checkpoints)."""
+        data = self.trainer.datamodule
+        for key in ("class_names", "mean", "std", "crop_pct", "interpolation"):
+            value = getattr(getattr(data, key, None), "value", getattr(data, key, None))  # InterpolationMode -> str
+            if value is None or (isinstance(value, (list, tuple)) and not value):
+                continue  # e.g. CIFAR's class names before setup
+            if stage == "fit" or self.hparams.get(key) is None:
+                self.hparams[key] = list(value) if isinstance(value, (list, tuple)) else value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -68,7 +148,7 @@ class ConvMixerClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         hard = targets.argmax(1) if targets.ndim == 2 else targets  # soft targets come from mixup/cutmix
         self.train_acc1(logits, hard)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)  # all ranks' mean
         self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
         return loss
 
@@ -76,11 +156,14 @@ class ConvMixerClassifier(L.LightningModule):
         images, targets = batch
         logits = self(images)
         loss = F.cross_entropy(logits, targets)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        self.eval_loss[stage].update(loss, weight=targets.shape[0])
+        self.log(f"{stage}/loss", self.eval_loss[stage], prog_bar=stage == "val")
         for k in ("acc1", "acc5"):
             metric = self.metrics[f"{stage}_{k}"]
             metric(logits, targets)
             self.log(f"{stage}/{k}", metric, prog_bar=k == "acc1")
+        if stage == "test":
+            self.test_confmat.update(logits, targets)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -92,12 +175,23 @@ class ConvMixerClassifier(L.LightningModule):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(images).softmax(dim=1)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        strategy = self.trainer.strategy
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(strategy, FSDPStrategy):
+            # Lightning refuses norm clipping under FSDP; the root FSDP module computes the norm over all shards
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         hp = self.hparams
         decay, no_decay = [], []
-        for param in self.parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim <= 1 else decay).append(param)
+        for module in self.modules():
+            # chosen by layer, not by param.ndim: under FSDP every parameter is a flat 1-D shard
+            weighted = isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
+            for name, param in module.named_parameters(recurse=False):
+                if param.requires_grad:
+                    (decay if weighted and name == "weight" else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if hp.optimizer == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, eps=hp.opt_eps)

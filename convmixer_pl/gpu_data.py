@@ -1,0 +1,228 @@
+"""A device-resident image pipeline: a whole split held where the model runs, augmented in batches there.
+
+The uint8 images (N, C, H, W) are copied to the device once; each batch is gathered by index and
+random-resized-cropped, flipped, normalised and randomly erased with batched tensor operations, so no
+per-image Python work and no host-to-device copies remain in the training loop. The random parameters follow
+torchvision's `v2.RandomResizedCrop`, `v2.RandomHorizontalFlip` and `v2.RandomErasing` draw for draw (ten tries,
+the same fallbacks), so the CPU and device pipelines share their augmentation semantics. One difference: crops
+are resized with bilinear sampling without antialiasing, which equals torchvision's output when a crop is
+enlarged (always the case for CIFAR at its own size) and is slightly sharper when a crop is shrunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler, Sampler
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=generator.device) * (high - low) + low
+
+
+def _randint_below(upper: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One integer in [0, upper) per element of `upper` (a positive integer tensor)."""
+    draw = torch.rand(upper.shape, generator=generator, device=upper.device)
+    return (draw * upper).floor().long().clamp_max(upper - 1)
+
+
+def _first_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the first True along the last dim (the first successful try), and whether any was True."""
+    return valid.int().argmax(dim=-1), valid.any(dim=-1)
+
+
+def sample_crops(n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                 generator: torch.Generator, tries: int = 10) -> torch.Tensor:
+    """`v2.RandomResizedCrop`'s boxes for `n` images: a (n, 4) long tensor of top, left, height, width."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    target = area * _uniform((n, tries), scale[0], scale[1], generator)
+    aspect = torch.exp(_uniform((n, tries), log_ratio[0], log_ratio[1], generator))
+    w = torch.round(torch.sqrt(target * aspect)).long()
+    h = torch.round(torch.sqrt(target / aspect)).long()
+    first, found = _first_valid((w > 0) & (w <= width) & (h > 0) & (h <= height))
+    h = h.gather(1, first[:, None]).squeeze(1)
+    w = w.gather(1, first[:, None]).squeeze(1)
+    # no try fitted: torchvision's central crop, clamped to the ratio range
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback = (round(width / min(ratio)), width)
+    elif in_ratio > max(ratio):
+        fallback = (height, round(height * max(ratio)))
+    else:
+        fallback = (height, width)
+    h = torch.where(found, h, fallback[0])
+    w = torch.where(found, w, fallback[1])
+    top = torch.where(found, _randint_below(height - h + 1, generator), (height - h) // 2)
+    left = torch.where(found, _randint_below(width - w + 1, generator), (width - w) // 2)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Crop each float image to its box (top, left, height, width) and resize it bilinearly to `size`.
+
+    The same as `F.interpolate(crop, mode="bilinear", align_corners=False)` per image (sample positions clamped
+    to the crop, so its edge pixels repeat), done for the whole batch with one `grid_sample`; `flip` (bool per
+    image) mirrors the result horizontally by mirroring the sample positions.
+    """
+    n, _, height, width = images.shape
+    top, left, h, w = (t.to(images.dtype)[:, None] for t in boxes.unbind(1))
+    steps = torch.arange(size, device=images.device, dtype=images.dtype)[None, :] + 0.5
+    # source pixel centres, clamped to the crop like interpolate clamps to the image it is given
+    xs = left + torch.minimum(torch.clamp(steps * w / size - 0.5, min=0), w - 1)
+    ys = top + torch.minimum(torch.clamp(steps * h / size - 0.5, min=0), h - 1)
+    if flip is not None:
+        xs = torch.where(flip[:, None], xs.flip(1), xs)
+    gx = (2 * xs + 1) / width - 1  # grid_sample's coordinates for align_corners=False
+    gy = (2 * ys + 1) / height - 1
+    grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def sample_erasing(n: int, height: int, width: int, p: float, scale: Sequence[float], ratio: Sequence[float],
+                   generator: torch.Generator, tries: int = 10) -> torch.Tensor:
+    """`v2.RandomErasing`'s boxes for `n` images: (n, 4) top, left, height, width; height 0 means not erased."""
+    apply = torch.rand(n, generator=generator, device=generator.device) < p
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    target = area * _uniform((n, tries), scale[0], scale[1], generator)
+    aspect = torch.exp(_uniform((n, tries), log_ratio[0], log_ratio[1], generator))
+    h = torch.round(torch.sqrt(target * aspect)).long()  # torchvision: h from * aspect, w from / aspect
+    w = torch.round(torch.sqrt(target / aspect)).long()
+    first, found = _first_valid((h < height) & (w < width))
+    h = h.gather(1, first[:, None]).squeeze(1)
+    w = w.gather(1, first[:, None]).squeeze(1)
+    erase = apply & found  # no try fitted: the image is left as it is, as in torchvision
+    top = _randint_below(height - h + 1, generator)
+    left = _randint_below(width - w + 1, generator)
+    zero = torch.zeros_like(h)
+    return torch.stack([torch.where(erase, top, zero), torch.where(erase, left, zero),
+                        torch.where(erase, h, zero), torch.where(erase, w, zero)], dim=1)
+
+
+def erase(images: torch.Tensor, boxes: torch.Tensor, value: float | None = 0.0,
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill each box with `value`, or with standard normal noise when `value` is None (torchvision's "random")."""
+    _, _, height, width = images.shape
+    top, left, h, w = (t[:, None, None, None] for t in boxes.unbind(1))
+    rows = torch.arange(height, device=images.device)[None, None, :, None]
+    cols = torch.arange(width, device=images.device)[None, None, None, :]
+    mask = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+    if value is None:
+        fill = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    else:
+        fill = torch.full((), value, device=images.device, dtype=images.dtype)
+    return torch.where(mask, fill, images)
+
+
+class BatchAugment:
+    """Batched RandomResizedCrop -> RandomHorizontalFlip -> to float in [0, 1] -> Normalize -> RandomErasing.
+
+    The order and parameters of the CPU pipeline (`erase_prob: 0` turns erasing off). `erase_value` None fills
+    with normal noise, like torchvision's `value="random"`.
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 erase_prob: float = 0.0, erase_scale: Sequence[float] = (0.02, 0.33),
+                 erase_ratio: Sequence[float] = (0.3, 3.3), erase_value: float | None = 0.0) -> None:
+        self.image_size, self.scale, self.ratio, self.hflip = image_size, tuple(scale), tuple(ratio), hflip
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.erase_prob, self.erase_scale, self.erase_ratio = erase_prob, tuple(erase_scale), tuple(erase_ratio)
+        self.erase_value = erase_value
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, height, width = images.shape
+        boxes = sample_crops(n, height, width, self.scale, self.ratio, generator)
+        flip = torch.rand(n, generator=generator, device=images.device) < self.hflip
+        out = resized_crop(images.float() / 255, boxes, self.image_size, flip)
+        out = normalize(out, self.mean, self.std)
+        if self.erase_prob > 0:
+            boxes = sample_erasing(n, self.image_size, self.image_size, self.erase_prob, self.erase_scale,
+                                   self.erase_ratio, generator)
+            out = erase(out, boxes, self.erase_value, generator)
+        return out
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype)[None, :, None, None]
+    std_t = torch.tensor(std, device=images.device, dtype=images.dtype)[None, :, None, None]
+    return (images - mean_t) / std_t
+
+
+def to_float(images: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The evaluation path: uint8 -> float in [0, 1] -> resize when the size differs -> Normalize."""
+    out = images.float() / 255
+    if out.shape[-1] != image_size or out.shape[-2] != image_size:
+        out = F.interpolate(out, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    return normalize(out, mean, std)
+
+
+class DeviceLoader:
+    """Batches of (float images, long targets) from a uint8 split held on `device`.
+
+    Shuffling and sharding come from `DistributedSampler` (seeded, one shard per process, new order per epoch)
+    unless `sampler` is given; Lightning calls `sampler.set_epoch` like it does for a `DataLoader`. Augmentation
+    randomness comes from a generator on the device, reseeded from (seed, epoch, rank, batch): an epoch is
+    reproducible, and `state_dict`/`load_state_dict` resume it mid-epoch at the same batch with the same draws.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, device: torch.device | str,
+                 mean: Sequence[float], std: Sequence[float], image_size: int | None = None,
+                 augment: BatchAugment | None = None, shuffle: bool = False, drop_last: bool = False,
+                 seed: int = 0, num_replicas: int = 1, rank: int = 0, sampler: Sampler | None = None) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"DeviceLoader needs uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.targets = targets.to(self.device, torch.long)
+        self.batch_size, self.drop_last, self.seed, self.rank = batch_size, drop_last, seed, rank
+        self.mean, self.std, self.augment = tuple(mean), tuple(std), augment
+        self.image_size = image_size or images.shape[-1]
+        if sampler is None:
+            sampler = DistributedSampler(range(len(self.targets)), num_replicas=num_replicas, rank=rank,
+                                         shuffle=shuffle, seed=seed)
+        self.sampler = sampler
+        self.batch_sampler = None  # Lightning inspects loaders that have a `sampler` like DataLoaders
+        self._position: tuple[int, int] = (0, 0)  # (epoch, batches handed out)
+        self._resume: tuple[int, int] | None = None
+        self.generator = torch.Generator(device=self.device)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # a generator: its body starts at the first batch, after Lightning's `sampler.set_epoch`
+        epoch = getattr(self.sampler, "epoch", 0)
+        skip = 0
+        if self._resume is not None:
+            if self._resume[0] == epoch:
+                skip = self._resume[1]
+            self._resume = None
+        self._position = (epoch, skip)
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long).to(self.device)
+        for batch in range(skip, len(self)):
+            index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            images = self.images.index_select(0, index)
+            if self.augment is not None:
+                # seeded per batch, so a resumed epoch draws what an uninterrupted one would have
+                self.generator.manual_seed(hash((self.seed, epoch, self.rank, batch)) & 0x7FFF_FFFF_FFFF_FFFF)
+                images = self.augment(images, self.generator)
+            else:
+                images = to_float(images, self.image_size, self.mean, self.std)
+            self._position = (epoch, batch + 1)
+            yield images, self.targets.index_select(0, index)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the epoch is: Lightning saves it in checkpoints and hands it back to resume mid-epoch."""
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches, "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state and state.get("batch_size") == self.batch_size and state.get("seed") == self.seed:
+            self._resume = (state["epoch"], state["batches"])

@@ -1,0 +1,65 @@
+"""Training throughput in the logs: images per second of each epoch, validation time left out."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def batch_size_of(batch: Any) -> int:
+    """Images in a batch: the first dimension of the first tensor in it."""
+    while isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    if isinstance(batch, dict):
+        return batch_size_of(next(iter(batch.values())))
+    return int(batch.shape[0]) if isinstance(batch, torch.Tensor) else 0
+
+
+class ThroughputCallback(L.Callback):
+    """Logs `train/images_per_sec` (all processes together) at the end of every training epoch.
+
+    Time runs from the first training batch of the epoch to its end, minus validation; no device
+    synchronisation per step (the epoch-end logging waits for the device anyway), so it costs nothing.
+    Lightning's `ThroughputMonitor` synchronises CUDA after every batch and needs FLOPs, hence this one.
+    """
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._paused = 0.0
+        self._images = 0
+        self._val_start: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._paused, self._images = None, 0.0, 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._start is None:  # from the first batch on: worker start-up is not the steps' speed
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._images += batch_size_of(batch)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._val_start is not None:
+            self._paused += time.perf_counter() - self._val_start
+            self._val_start = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is None or not self._images:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self._start - self._paused
+        if seconds > 0:
+            rate = self._images * trainer.world_size / seconds
+            pl_module.log("train/images_per_sec", rate, on_step=False, on_epoch=True, prog_bar=True,
+                          rank_zero_only=True)

@@ -1,0 +1,136 @@
+"""Shared fixtures: small data sets in their real on-disk formats, and a runner for the `convmixer` command."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import convmixer_pl
+
+REPO = Path(convmixer_pl.__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _cifar_images(rng: np.random.Generator, labels: list[int]) -> np.ndarray:
+    """Random uint8 images as CIFAR stores them: one row per image, the R, G and B 32x32 planes in turn."""
+    return rng.integers(0, 256, size=(len(labels), 3 * 32 * 32), dtype=np.uint8)
+
+
+def _pickle(path: Path, entry: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+
+
+def write_cifar(root: Path, dataset: str = "cifar10", per_class: int = 2, seed: int = 0) -> Path:
+    """Write a small CIFAR-10 (`cifar-10-batches-py/`) or CIFAR-100 (`cifar-100-python/`) under `root`.
+
+    Same files, pickle keys and array layout as the released archives (which torchvision reads); `per_class`
+    images of every class in each training file, and in the test file. Returns the data set's folder.
+    """
+    rng = np.random.default_rng(seed)
+    if dataset == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        labels = [c for c in range(10) for _ in range(per_class)]
+        for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+            batch_label = "testing batch 1 of 1" if name == "test_batch" else f"training batch {i + 1} of 5"
+            _pickle(folder / name, {"batch_label": batch_label, "labels": list(labels),
+                                    "data": _cifar_images(rng, labels),
+                                    "filenames": [f"{name}_{j:05d}.png" for j in range(len(labels))]})
+        _pickle(folder / "batches.meta", {"num_cases_per_batch": len(labels), "label_names": CIFAR10_CLASSES,
+                                          "num_vis": 3072})
+    elif dataset == "cifar100":
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        fine = [c for c in range(100) for _ in range(per_class)]
+        for name in ("train", "test"):
+            _pickle(folder / name, {"filenames": [f"{name}_{j:05d}.png" for j in range(len(fine))],
+                                    "batch_label": f"{name}ing batch 1 of 1", "fine_labels": list(fine),
+                                    "coarse_labels": [c // 5 for c in fine], "data": _cifar_images(rng, fine)})
+        _pickle(folder / "meta", {"fine_label_names": [f"fine_{c:02d}" for c in range(100)],
+                                  "coarse_label_names": [f"coarse_{c:02d}" for c in range(20)]})
+    else:
+        raise ValueError(dataset)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A folder holding a tiny CIFAR-10 (100 train / 20 test images) and CIFAR-100 (200 / 200). Don't modify it."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, "cifar10", per_class=2, seed=0)
+    write_cifar(root, "cifar100", per_class=2, seed=1)
+    return root
+
+
+# (width, height, format, mode): PNG and JPEG, RGB and grayscale, portrait, landscape, odd sizes
+IMAGE_FILES = [(40, 30, "png", "RGB"), (23, 57, "jpg", "RGB"), (64, 64, "png", "L"), (31, 33, "jpeg", "RGB")]
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "owl"), splits=("train", "val", "test"),
+                       files=IMAGE_FILES, seed: int = 0) -> Path:
+    """Write `root/<split>/<class>/<image>` with one image per entry of `files`; each class has its own colour."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, (width, height, fmt, mode) in enumerate(files):
+                colour = np.array([60 * c % 256, 255 - 70 * c % 256, 40 + 90 * c % 256])
+                pixels = np.clip(colour + rng.integers(-30, 30, size=(height, width, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, "RGB").convert(mode).save(folder / f"{split}_{name}_{i}.{fmt}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """`root/{train,val,test}/{cat,dog,owl}/` with 4 PNG/JPEG images of different sizes each. Don't modify it."""
+    return write_image_folder(tmp_path_factory.mktemp("images") / "images")
+
+
+def run_convmixer(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `convmixer` command; wide output so Lightning's metric tables keep whole numbers.
+
+    One intra-op thread: the test models are tiny, and on a busy 2-core machine a second OpenMP thread mostly
+    spins (twice the CPU time, slower runs). Pass env={"OMP_NUM_THREADS": ...} to change it.
+    """
+    command = shutil.which("convmixer")
+    assert command is not None, "the `convmixer` console script is not installed (pip install -e .)"
+    full_env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("CONVMIXER_DEBUG", None)
+    return subprocess.run([command, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def convmixer():
+    """The `run_convmixer(*args, cwd=...)` runner, for tests that drive the command end to end."""
+    return run_convmixer
+
+
+# a tiny ConvMixer on 8 px digits: fast to train, test, predict with and export
+TINY_DIGITS = ["--config", str(CONFIGS / "digits.yaml"), "--model.dim", "16", "--model.depth", "2",
+               "--model.kernel_size", "3", "--data.image_size", "8", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """`convmixer fit` (2 short epochs) then `convmixer test` of TINY_DIGITS, run in-process into one folder:
+    last.ckpt, lightning_logs/version_0 (the fit: metrics.csv, plots/) and version_1 (the test: plots/confusion_*).
+    Don't modify it: pass --trainer.default_root_dir / --predictions.output elsewhere when using it."""
+    from convmixer_pl.cli import ConvMixerCLI
+
+    run = tmp_path_factory.mktemp("digits_run")
+    where = ["--checkpoint.dirpath", str(run)]
+    ConvMixerCLI(args=["fit", *TINY_DIGITS, *where, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6"])
+    ConvMixerCLI(args=["test", *TINY_DIGITS, *where])
+    return run

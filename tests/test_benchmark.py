@@ -1,0 +1,71 @@
+"""`python -m convmixer_pl.benchmark` in a tiny form: every printed field is there and holds a number."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from convmixer_pl import benchmark
+
+TINY = ["--dim", "8", "--depth", "2", "--kernel-size", "3", "--image-size", "8", "--batch-size", "4",
+        "--steps", "2", "--warmup", "1", "--device", "cpu"]
+NUMBER = r"(\d+\.\d+) \((\d+\.\d+)-(\d+\.\d+)\)"  # images/s (p25-p75)
+
+
+def test_benchmark_prints_speed_memory_and_ratios(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "convmixer_pl.benchmark", *TINY, "--grad-checkpointing", "both",
+                           "--precision", "bf16-mixed", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "model: convmixer_256_8 dim=8 depth=2 kernel=3 patch=2 classes=10, 8x8, batch 4" in text
+    assert "settings: precision bf16-mixed, channels_last on (auto), compile off" in text
+    assert "official: the plain loop in NCHW, eager, precision 32-true" in text
+    assert "memory: CPU peak RSS (VmHWM)" in text
+    rows = {}
+    for line in text.splitlines():
+        match = re.match(r"(lightning|plain|official)\s+(on|off)\s+(.*)$", line)
+        if match:
+            rows[match[1], match[2]] = match[3]
+    assert set(rows) == {("lightning", "off"), ("lightning", "on"), ("plain", "off"), ("plain", "on"),
+                         ("official", "off")}
+    # checkpointing on: training only (inference does not checkpoint), so its inference column is "-"
+    full = re.fullmatch(rf"{NUMBER}\s+{NUMBER}\s+(-?\d+\.\d+)\s+(-?\d+\.\d+)", rows["lightning", "off"])
+    assert full and float(full[1]) > 0 and float(full[4]) > 0
+    train_only = re.fullmatch(rf"{NUMBER}\s+-\s+(-?\d+\.\d+)\s+-", rows["plain", "on"])
+    assert train_only and float(train_only[1]) > 0
+    for pair in ("lightning/plain", "lightning/official", "plain/official"):
+        assert re.search(rf"ratio {pair}: train \d+\.\d\dx, inference \d+\.\d\dx", text), pair
+    assert re.search(r"ratio lightning/plain \(grad_ckpt on\): train \d+\.\d\dx$", text, re.M)
+
+    saved = json.loads(out.read_text())
+    assert saved["setup"]["precision"] == "bf16-mixed" and saved["setup"]["channels_last"] is True
+    steps = {(r["runner"], r["grad_checkpointing"]): r for r in saved["results"]}
+    assert len(steps["lightning", False]["train_steps"]) == 2 and len(steps["plain", False]["infer_steps"]) == 2
+    assert steps["plain", True]["infer_steps"] == []
+
+
+def test_peak_memory_sees_an_allocation():
+    memory = benchmark.PeakMemory(torch.device("cpu"))
+    if not memory.available:
+        pytest.fail("/proc/self/clear_refs is not writable here: CPU peak memory cannot be measured")
+    memory.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del block
+    assert 60 < memory.peak_mib() < 200
+    memory.reset_peak()  # forgets the block: the peak is back near the baseline
+    assert memory.peak_mib() < 30
+
+
+def test_bad_arguments_exit_with_a_message(capsys):
+    for argv in (["--runners", "lightning,keras"], ["--steps", "0"], ["--variant", "resnet50"]):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main(argv)
+        assert exit_info.value.code == 2
+    assert "keras not in lightning,plain,official" in capsys.readouterr().err

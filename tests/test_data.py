@@ -1,0 +1,219 @@
+"""Data modules on small data in the real formats: CIFAR pickles, PNG/JPEG folders, scikit-learn's digits."""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from conftest import CIFAR10_CLASSES, write_image_folder
+from sklearn.datasets import load_digits
+
+from convmixer_pl.data import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    CIFARDataModule,
+    DataError,
+    DigitsDataModule,
+    ImageFolderDataModule,
+)
+
+LOADER = dict(num_workers=0, pin_memory=False, persistent_workers=False)
+CIFAR = {  # folder, training files, label key, class names, training images in the fixture
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{k}" for k in range(1, 6)], "test_batch", "labels",
+                CIFAR10_CLASSES, 100),
+    "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", [f"fine_{c:02d}" for c in range(100)], 200),
+}
+
+
+def _read_cifar(folder, files, label_key):
+    """The images (N, 3, 32, 32) and labels of CIFAR pickle files, read here independently of torchvision."""
+    images, labels = [], []
+    for name in files:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        images.append(entry["data"].reshape(-1, 3, 32, 32))
+        labels += entry[label_key]
+    return np.concatenate(images), labels
+
+
+def _keys(images: torch.Tensor) -> list[bytes]:
+    return [image.numpy().tobytes() for image in images]
+
+
+def _cifar(root, dataset, **kwargs) -> CIFARDataModule:
+    kwargs = {"verify_checksums": False, "batch_size": 8, **LOADER, **kwargs}
+    return CIFARDataModule(root=str(root), dataset=dataset, **kwargs)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_loads_batches_with_the_right_shapes_labels_and_normalisation(cifar_root, dataset):
+    folder, train_files, test_file, label_key, classes, n_train = CIFAR[dataset]
+    dm = _cifar(cifar_root, dataset, val_size=20)
+    assert (dm.num_classes, dm.in_chans, dm.image_size) == (len(classes), 3, 32)
+    dm.setup("fit")
+    assert dm.class_names == classes
+    assert (len(dm.train_set), len(dm.val_set)) == (n_train - 20, 20)
+
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < len(classes)
+
+    # evaluation images: exactly (pixel / 255 - mean) / std of the file's bytes, in file order, with its labels
+    raw, raw_labels = _read_cifar(cifar_root / folder, [test_file], label_key)
+    mean, std = torch.tensor(CIFAR_MEAN).view(3, 1, 1), torch.tensor(CIFAR_STD).view(3, 1, 1)
+    assert len(dm.test_set) == len(raw)
+    batch, batch_labels = next(iter(dm.test_dataloader()))
+    expected = (torch.from_numpy(raw[:8]).float() / 255 - mean) / std
+    assert torch.allclose(batch, expected, atol=1e-5)
+    assert batch_labels.tolist() == raw_labels[:8]
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_validation_split_is_disjoint_complete_and_seeded(cifar_root, dataset):
+    folder, train_files, _, label_key, _, n_train = CIFAR[dataset]
+    raw, raw_labels = _read_cifar(cifar_root / folder, train_files, label_key)
+    label_of = dict(zip(_keys(torch.from_numpy(raw)), raw_labels, strict=True))
+    assert len(label_of) == n_train  # the fixture's images are all different, so bytes identify them
+
+    def split(seed):
+        dm = _cifar(cifar_root, dataset, val_size=30, seed=seed)
+        dm.setup("fit")
+        train, val = _keys(dm.train_set.images), _keys(dm.val_set.images)
+        assert dm.train_set.targets.tolist() == [label_of[k] for k in train]  # labels travel with their images
+        assert dm.val_set.targets.tolist() == [label_of[k] for k in val]
+        return train, val
+
+    train, val = split(seed=0)
+    assert len(val) == 30 and not set(train) & set(val)
+    assert sorted(train + val) == sorted(label_of)
+    assert split(seed=0) == (train, val)
+    assert set(split(seed=1)[1]) != set(val)
+
+
+def test_cifar_val_size_zero_validates_on_the_test_set(cifar_root):
+    dm = _cifar(cifar_root, "cifar10", val_size=0)
+    dm.setup("fit")
+    assert len(dm.train_set) == 100
+    assert dm.val_set is dm.test_set and len(dm.val_set) == 20
+    val_images, _ = next(iter(dm.val_dataloader()))
+    test_images, _ = next(iter(dm.test_dataloader()))
+    assert torch.equal(val_images, test_images)
+
+
+def test_cifar_val_size_too_large(cifar_root):
+    dm = _cifar(cifar_root, "cifar10", val_size=100)
+    with pytest.raises(DataError, match="val_size"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_checksums_are_verified_by_default(cifar_root, dataset):
+    dm = CIFARDataModule(root=str(cifar_root), dataset=dataset, **LOADER)
+    with pytest.raises(DataError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(cifar_root / CIFAR[dataset][0]) in message
+    assert "data.verify_checksums: false" in message  # the way to use files that are not the released ones
+
+
+def test_cifar_missing_folder_names_it(tmp_path):
+    dm = _cifar(tmp_path / "nowhere", "cifar10")
+    with pytest.raises(DataError, match="cifar-10-batches-py") as info:
+        dm.setup("fit")
+    assert "\n" not in str(info.value)
+
+
+def _folder(root, **kwargs) -> ImageFolderDataModule:
+    return ImageFolderDataModule(root=str(root), **{"image_size": 24, "batch_size": 4, **LOADER, **kwargs})
+
+
+def test_image_folder_reads_png_and_jpeg_of_any_size(image_folder):
+    dm = _folder(image_folder)
+    assert (dm.class_names, dm.num_classes, dm.in_chans) == (["cat", "dog", "owl"], 3, 3)
+    dm.setup("fit")
+    dm.setup("test")
+    for dataset in (dm.train_set, dm.val_set, dm.test_set):
+        assert len(dataset) == 12
+        assert {path.rsplit(".", 1)[1] for path, _ in dataset.samples} == {"png", "jpg", "jpeg"}
+        for path, label in dataset.samples:
+            assert path.split("/")[-2] == dm.class_names[label]
+        for image, _ in dataset:
+            assert image.shape == (3, 24, 24) and image.dtype == torch.float32
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 24, 24) and labels.dtype == torch.int64
+
+
+def test_image_folder_evaluation_is_deterministic_and_normalised(image_folder):
+    dm = _folder(image_folder, image_size=16, crop_pct=1.0)
+    dm.setup("validate")
+    first, second = dm.val_set[0][0], dm.val_set[0][0]
+    assert torch.equal(first, second)
+    # the cat images are one colour plus noise: the normalised mean of each channel says which colour
+    colour = torch.tensor([0.0, 255.0, 40.0]) / 255
+    mean, std = torch.tensor(dm.mean), torch.tensor(dm.std)
+    assert torch.allclose(first.mean(dim=(1, 2)), (colour - mean) / std, atol=0.25)
+
+
+def test_image_folder_mismatched_classes(tmp_path):
+    write_image_folder(tmp_path, classes=("cat", "dog", "owl"), splits=("train", "test"))
+    write_image_folder(tmp_path, classes=("cat", "dog"), splits=("val",))
+    dm = _folder(tmp_path)
+    with pytest.raises(DataError, match="val") as info:
+        dm.setup("fit")
+    assert "owl" in str(info.value)
+
+
+def test_image_folder_missing_splits(tmp_path):
+    write_image_folder(tmp_path, splits=("train", "val"))
+    dm = _folder(tmp_path)
+    dm.setup("fit")
+    with pytest.raises(DataError, match="test"):
+        dm.setup("test")
+    write_image_folder(tmp_path / "no_train", splits=("val", "test"))
+    with pytest.raises(DataError, match="train"):
+        _folder(tmp_path / "no_train")
+    with pytest.raises(DataError, match="does not exist"):
+        _folder(tmp_path / "absent")
+
+
+def _digits(seed=0, **kwargs) -> DigitsDataModule:
+    dm = DigitsDataModule(seed=seed, batch_size=32, **LOADER, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def _samples(dm) -> Counter:
+    return Counter((key, int(label)) for split in (dm.train_set, dm.val_set, dm.test_set)
+                   for key, label in zip(_keys(split.images), split.targets, strict=True))
+
+
+def test_digits_split_is_a_seeded_partition_of_the_1797_images():
+    dm = _digits()
+    assert (dm.num_classes, dm.in_chans, dm.image_size) == (10, 1, 16)
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (1258, 180, 359)
+    labels = torch.cat([dm.train_set.targets, dm.val_set.targets, dm.test_set.targets])
+    assert torch.bincount(labels).tolist() == np.bincount(load_digits().target).tolist()
+    # another seed partitions the same 1,797 (image, label) samples differently
+    other = _digits(seed=1)
+    assert _samples(other) == _samples(dm) and sum(_samples(dm).values()) == 1797
+    assert not torch.equal(other.val_set.images, dm.val_set.images)
+    assert torch.equal(_digits().val_set.images, dm.val_set.images)
+
+
+def test_digits_batches():
+    dm = _digits(image_size=12)
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (32, 1, 12, 12) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64
+    assert images.min() >= -1 and images.max() <= 1 and images.min() < -0.9  # (x - 0.5) / 0.5 of [0, 1]
+
+
+@pytest.mark.parametrize("kwargs", [dict(val_fraction=0.0), dict(test_fraction=1.0),
+                                    dict(val_fraction=0.5, test_fraction=0.5), dict(batch_size=0)])
+def test_digits_bad_settings(kwargs):
+    with pytest.raises(DataError):
+        DigitsDataModule(**kwargs)

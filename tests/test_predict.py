@@ -1,0 +1,156 @@
+"""`convmixer predict`: a folder of mixed images (nested, any size, mode and format), the run's test set, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_DIGITS
+from PIL import Image
+
+from convmixer_pl.cli import ConvMixerCLI, main
+from convmixer_pl.data import DataError
+from convmixer_pl.export import load_checkpoint
+from convmixer_pl.plots import read_confusion_csv
+from convmixer_pl.predict import FolderPredictDataModule, folder_data_args, predict_transform
+
+# (relative path, PIL mode, width, height): nested folders, PNG, JPEG and BMP, modes L/RGBA/P/RGB/16-bit grey,
+# different sizes
+MIXED = [("one.png", "L", 20, 30), ("a/two.png", "RGBA", 40, 25), ("a/b/three.png", "P", 17, 17),
+         ("c/four.jpg", "RGB", 64, 48), ("c/five.jpeg", "L", 9, 9), ("c/d/six.PNG", "RGB", 12, 80),
+         ("seven.jpg", "RGB", 33, 21), ("c/d/eight.png", "I;16", 30, 30), ("nine.bmp", "RGB", 15, 15)]
+
+
+def write_mixed_images(root: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    for name, mode, width, height in MIXED:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+        if mode == "I;16":
+            Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16)).save(path)
+        elif mode == "P":
+            image.convert("P").save(path, transparency=0)  # paletted with a transparent colour
+        else:
+            image.convert(mode).save(path)
+    (root / "notes.txt").write_text("not an image")
+    (root / "a" / "._two.png").write_bytes(b"AppleDouble metadata, not an image")
+    return sorted(root / name for name, *_ in MIXED)
+
+
+def grey(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        if image.mode == "I;16":  # 0..65535 -> 0..255
+            return Image.fromarray((np.asarray(image, np.float32) / 65535 * 255).round().astype(np.uint8), "L")
+        return image.convert("RGBA").convert("L")
+
+
+def expected_top1(ckpt: Path, paths: list[Path]) -> list[tuple[str, float]]:
+    """The checkpoint's top-1 class and probability for each file, computed directly."""
+    module = load_checkpoint(ckpt)
+    transform = predict_transform(dict(module.hparams))
+    with torch.no_grad():
+        batch = torch.stack([transform(grey(path)) for path in paths])
+        probs = module(batch).softmax(1)
+    names = module.hparams.class_names
+    return [(names[int(i)], float(p)) for p, i in zip(*probs.max(1), strict=True)]
+
+
+def elsewhere(tmp_path: Path) -> list[str]:
+    """Checkpoint and log folders under tmp_path, for commands run in-process (in the repository's folder)."""
+    return ["--checkpoint.dirpath", str(tmp_path / "run"), "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false"]
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_folder_module_reads_mixed_images_as_the_checkpoint_expects(digits_run, tmp_path):
+    paths = write_mixed_images(tmp_path / "images")
+    data = FolderPredictDataModule(str(tmp_path / "images"), ckpt_path=str(digits_run / "last.ckpt"), batch_size=4)
+    assert (data.num_classes, data.in_chans, data.image_size) == (10, 1, 8)  # from the checkpoint, not from data
+    assert data.class_names == [str(i) for i in range(10)]
+    data.setup("predict")
+    assert data.predict_set.paths == paths  # nested, sorted; the .txt and the hidden ._ file are skipped
+    images, indices = next(iter(data.predict_dataloader()))
+    assert images.shape == (4, 1, 8, 8) and indices.tolist() == [0, 1, 2, 3]
+    assert -1.0 <= images.min() < images.max() <= 1.0  # digits' normalisation, (x - 0.5) / 0.5
+    with pytest.raises(DataError, match="only predicts"):
+        data.setup("fit")
+
+
+def test_predict_folder_writes_ordered_csv_and_json(digits_run, tmp_path):
+    paths = write_mixed_images(tmp_path / "images")
+    main(["predict", "--ckpt_path", str(digits_run / "last.ckpt"), "--data", str(tmp_path / "images"),
+          "--predictions.top_k", "3", "--predictions.json", "true", "--predictions.output", str(tmp_path / "p.csv"),
+          "--data.batch_size", "3", *elsewhere(tmp_path)])
+    rows = read_rows(tmp_path / "p.csv")
+    assert list(rows[0]) == ["index", "path", "class1", "prob1", "class2", "prob2", "class3", "prob3"]
+    assert [row["path"] for row in rows] == [str(path) for path in paths]
+    for row in rows:
+        probs = [float(row[f"prob{j}"]) for j in (1, 2, 3)]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+        assert {row[f"class{j}"] for j in (1, 2, 3)} <= set("0123456789")
+    for row, (name, prob) in zip(rows, expected_top1(digits_run / "last.ckpt", paths), strict=True):
+        assert row["class1"] == name and float(row["prob1"]) == pytest.approx(prob, abs=2e-6)
+    records = json.loads((tmp_path / "p.json").read_text())
+    assert [r["path"] for r in records] == [row["path"] for row in rows]
+    assert [r["top_k"][0]["class"] for r in records] == [row["class1"] for row in rows]
+
+
+def test_predict_under_ddp_writes_one_complete_ordered_file(digits_run, tmp_path, convmixer):
+    paths = write_mixed_images(tmp_path / "images")  # 9 images: the two ranks get uneven shares
+    result = convmixer("predict", "--ckpt_path", digits_run / "last.ckpt", "--data", "images",
+                       "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+                       "--data.batch_size", "3", "--predictions.output", "p.csv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("predictions written to") == 1  # rank 0 alone writes
+    rows = read_rows(tmp_path / "p.csv")
+    assert [int(row["index"]) for row in rows] == list(range(len(paths)))
+    assert [row["path"] for row in rows] == [str(path.relative_to(tmp_path)) for path in paths]
+    for row, (name, prob) in zip(rows, expected_top1(digits_run / "last.ckpt", paths), strict=True):
+        assert row["class1"] == name and float(row["prob1"]) == pytest.approx(prob, abs=2e-6)
+
+
+def test_predict_without_data_predicts_the_runs_test_set(digits_run, tmp_path):
+    out = tmp_path / "test_set.csv"
+    ConvMixerCLI(args=["predict", *TINY_DIGITS, "--checkpoint.dirpath", str(digits_run),
+                       "--trainer.default_root_dir", str(tmp_path), "--predictions.output", str(out)])
+    rows = read_rows(out)
+    assert len(rows) == 359 and "target" in rows[0] and "path" not in rows[0]  # digits: 20% of 1,797
+    # the same checkpoint's `convmixer test` counted the same top-1 hits
+    confmat, _ = read_confusion_csv(digits_run / "lightning_logs" / "version_1" / "plots" / "confusion_matrix.csv")
+    assert sum(row["class1"] == row["target"] for row in rows) == int(confmat.trace())
+
+
+def test_unreadable_image_is_a_one_line_error_naming_the_file(digits_run, tmp_path, capsys):
+    write_mixed_images(tmp_path / "images")
+    (tmp_path / "images" / "c" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--ckpt_path", str(digits_run / "last.ckpt"), "--data", str(tmp_path / "images"),
+              "--predictions.output", str(tmp_path / "p.csv"), *elsewhere(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "broken.png: cannot read this image" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_folder_data_args_rewrites_only_a_folder_given_to_predict(tmp_path):
+    folder, config = tmp_path / "imgs", tmp_path / "data.yaml"
+    folder.mkdir()
+    config.write_text("class_path: convmixer_pl.data.DigitsDataModule\n")
+    module = "convmixer_pl.predict.FolderPredictDataModule"
+    assert folder_data_args(["predict", "--data", str(folder), "--data.batch_size", "8"]) == \
+        ["predict", "--data", module, "--data.root", str(folder), "--data.batch_size", "8"]
+    assert folder_data_args(["predict", f"--data={folder}"]) == \
+        ["predict", "--data", module, "--data.root", str(folder)]
+    for unchanged in (["predict", "--data", str(config)], ["predict", "--data", "DigitsDataModule"],
+                      ["predict", "--data.root", str(folder)], ["fit", "--data", str(folder)]):
+        assert folder_data_args(unchanged) == unchanged
+    with pytest.raises(DataError, match="no such folder"):
+        folder_data_args(["predict", "--data", str(tmp_path / "missing") + "/"])

@@ -1,0 +1,290 @@
+"""Exact resume, crash safety (kill -9, SIGTERM, SIGINT) and the non-finite-loss stop; see docs/reliability.md.
+
+One uninterrupted reference run (in-process, module-scoped) keeps a checkpoint after every training step and at
+every validation; each resume test restarts from one of them, or from a real process that was killed or
+signalled, and must end with the reference's weights and logged metrics. The data are real PNG files with
+random augmentation (random resized crops, flips, MixUp), so the RNG states matter.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIGS
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from convmixer_pl.cli import ConvMixerCLI, main
+from convmixer_pl.reliability import (
+    TMP_SUFFIX,
+    AtomicCheckpointIO,
+    FaultTolerance,
+    NonFiniteLoss,
+    ResumableDataLoader,
+    ResumableSampler,
+    read_checkpoint,
+)
+
+STEPS_PER_EPOCH, EPOCHS = 10, 3  # 120 training images, batches of 12
+
+
+def write_digit_folder(root: Path) -> Path:
+    """scikit-learn's digits as 16 px PNGs in `root/{train,val,test}/<digit>/`: 120 / 30 / 30 images."""
+    digits = load_digits()
+    for split, (start, stop) in {"train": (0, 120), "val": (120, 150), "test": (150, 180)}.items():
+        for i in range(start, stop):
+            folder = root / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
+            Image.fromarray(pixels).resize((16, 16)).convert("RGB").save(folder / f"{i}.png")
+    return root
+
+
+def fit_args(data: Path, dirpath: Path, *extra: str) -> list[str]:
+    return ["fit", "--seed_everything", "0", "--data", "ImageFolderDataModule", "--data.root", str(data),
+            "--data.image_size", "16", "--data.crop_pct", "1.0", "--data.batch_size", "12", "--data.num_workers", "0",
+            "--data.pin_memory", "false", "--data.persistent_workers", "false",
+            "--data.mixup_alpha", "0.2",
+            "--model.dim", "16", "--model.depth", "1", "--model.kernel_size", "3", "--model.patch_size", "2",
+            "--trainer.max_epochs", str(EPOCHS), "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--plots.enabled", "false", "--checkpoint.dirpath", str(dirpath), *extra]
+
+
+def weights(cli: ConvMixerCLI) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in cli.model.state_dict().items()}
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def logged(dirpath: Path) -> dict[tuple[int, str], float]:
+    """Every value in the run's metrics.csv by (step, name), except wall-clock throughput."""
+    (path,) = dirpath.glob("lightning_logs/version_*/metrics.csv")
+    with open(path) as f:
+        return {(int(row["step"]), name): float(value) for row in csv.DictReader(f)
+                for name, value in row.items() if value and name != "step" and "per_sec" not in name}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_digit_folder(tmp_path_factory.mktemp("digit_pngs"))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted run: step checkpoints in steps/, one per validation (epochNNN.ckpt) beside them."""
+    run = tmp_path_factory.mktemp("reference")
+    cli = ConvMixerCLI(args=fit_args(
+        data, run, "--checkpoint.save_top_k", "-1",
+        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(run / "steps"),
+        "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1",
+        "--trainer.callbacks.filename", "step{step:03d}", "--trainer.callbacks.auto_insert_metric_name", "false"))
+    assert cli.trainer.global_step == STEPS_PER_EPOCH * EPOCHS
+    return {"dir": run, "weights": weights(cli), "logged": logged(run)}
+
+
+def resume(data: Path, checkpoint: Path, dirpath: Path, *extra: str) -> ConvMixerCLI:
+    """`fit --ckpt_path last` in a folder whose last.ckpt is `checkpoint` (unless it is already there)."""
+    dirpath.mkdir(parents=True, exist_ok=True)
+    if checkpoint != dirpath / "last.ckpt":
+        shutil.copy(checkpoint, dirpath / "last.ckpt")
+    return ConvMixerCLI(args=fit_args(data, dirpath, "--ckpt_path", "last", *extra))
+
+
+@pytest.mark.parametrize("name, where", [
+    ("steps/step015.ckpt", "mid-epoch, after a training step"),
+    ("steps/step020.ckpt", "after the last step of an epoch"),
+    ("epoch000.ckpt", "after an epoch's validation"),
+])
+def test_resume_matches_the_uninterrupted_run(data, reference, tmp_path, name, where):
+    start = read_checkpoint(reference["dir"] / name)["global_step"]
+    resumed = resume(data, reference["dir"] / name, tmp_path / "resumed")
+    assert resumed.trainer.global_step == STEPS_PER_EPOCH * EPOCHS
+    assert_same_weights(weights(resumed), reference["weights"])
+    after = logged(tmp_path / "resumed")
+    assert after and min(step for step, _ in after) >= start  # it logged only what came after the checkpoint
+    assert {name for _, name in after} >= {"train/loss_step", "train/loss_epoch", "train/acc1", "val/acc1"}
+    for key, value in after.items():
+        assert value == pytest.approx(reference["logged"][key], rel=1e-6, abs=1e-7), (where, key)
+
+
+def start_fit(data: Path, dirpath: Path, log: Path, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "CONVMIXER_DEBUG"}
+    return subprocess.Popen([sys.executable, "-m", "convmixer_pl.cli", *fit_args(data, dirpath, *extra)],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended (code {process.returncode}) before writing {path}"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.005)
+
+
+def test_kill_9_leaves_a_loadable_last_ckpt_and_resuming_loses_nothing(data, reference, tmp_path):
+    run, every = tmp_path / "run", 2
+    process = start_fit(data, run, tmp_path / "log.txt", "--reliability.every_n_train_steps", str(every))
+    try:
+        wait_for(run / "last.ckpt", process)
+        time.sleep(random.uniform(0.0, 0.3))  # any moment, a save in progress included
+        assert process.poll() is None, "the run finished before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(60) == -signal.SIGKILL
+    finally:
+        process.kill()
+    saved = read_checkpoint(run / "last.ckpt")  # loadable, whatever the moment of the kill
+    assert 0 < saved["global_step"] < STEPS_PER_EPOCH * EPOCHS
+    assert saved["global_step"] % every == 0  # a step save or an epoch end (both even): at most `every` - 1 lost
+    resumed = resume(data, run / "last.ckpt", run, "--reliability.every_n_train_steps", str(every))
+    assert_same_weights(weights(resumed), reference["weights"])
+    assert not list(run.glob(f"*{TMP_SUFFIX}"))  # a half-written temporary of the killed run is cleaned up
+
+
+def signal_when_training(signum: int, checkpoint: Path) -> threading.Thread:
+    """Send `signum` to this process once `checkpoint` exists, while the run's handler is the one in place."""
+    def send() -> None:
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if getattr(signal.getsignal(signum), "__func__", None) is FaultTolerance._on_signal:
+            os.kill(os.getpid(), signum)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_save_a_checkpoint_then_exit(data, reference, tmp_path, capsys, signum):
+    run = tmp_path / "run"
+    sender = signal_when_training(signum, run / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(data, run, "--reliability.every_n_train_steps", "3"))
+    sender.join()
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 128 + signum, stderr[-3000:]
+    name = signal.Signals(signum).name
+    stopped = re.search(rf"convmixer: stopped by {name} after step (\d+); saved (\S+)\.", stderr)
+    assert stopped and "Traceback" not in stderr, stderr[-3000:]
+    assert Path(stopped[2]) == run / "last.ckpt"
+    saved = read_checkpoint(run / "last.ckpt")
+    assert saved["global_step"] == int(stopped[1]) < STEPS_PER_EPOCH * EPOCHS  # saved where it stopped
+    assert getattr(signal.getsignal(signum), "__func__", None) is not FaultTolerance._on_signal  # handler restored
+    if signum == signal.SIGTERM:  # preemption: the same command with --ckpt_path last finishes the run exactly
+        resumed = resume(data, run / "last.ckpt", run)
+        assert_same_weights(weights(resumed), reference["weights"])
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.dim", "16", "--model.depth", "1",
+              "--model.lr", "1e30", "--model.scheduler", "constant",
+              "--trainer.gradient_clip_val", "null", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar",
+              "false", "--plots.enabled", "false", "--checkpoint.dirpath", str(run),
+              "--reliability.every_n_train_steps", "1"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    stopped = re.search(r"convmixer: error: the training loss is (nan|inf|-inf) at step (\d+) \(epoch 0, batch \d+\)",
+                        err)
+    assert stopped and "Traceback" not in err, err[-3000:]
+    assert f"the last checkpoint, {run / 'last.ckpt'}, is untouched" in err
+    saved = read_checkpoint(run / "last.ckpt")
+    assert saved["global_step"] == int(stopped[2]) - 1  # written by the step before, not after the bad one
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt"]  # no epoch-end save of broken weights
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
+    cli = ConvMixerCLI(args=["fit", "--config", str(CONFIGS / "digits.yaml"),
+                             "--model.dim", "8", "--model.depth", "1", "--trainer.max_steps", "1",
+                             "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+                             "--plots.enabled", "false", "--checkpoint.dirpath", str(tmp_path / "run")])
+    with torch.no_grad():
+        cli.model.model.head.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLoss, match=r"weights are not finite after step 1 \(model.head.weight\)"):
+        cli.trainer.save_checkpoint(tmp_path / "broken.ckpt")
+    assert not (tmp_path / "broken.ckpt").exists()
+
+
+def test_atomic_writes_survive_kill_9_in_the_middle_of_a_save(tmp_path):
+    """A writer saving a 32 MB checkpoint over and over is killed while its temporary file exists (mid-save)."""
+    target = tmp_path / "last.ckpt"
+    writer = ("import itertools, torch\nfrom convmixer_pl.reliability import AtomicCheckpointIO\n"
+              "for i in itertools.count():\n"
+              "    state = {'i': i, 'w': torch.full((2**23,), float(i))}\n"
+              f"    AtomicCheckpointIO().save_checkpoint(state, {str(target)!r})\n")
+    process = subprocess.Popen([sys.executable, "-c", writer])
+    try:
+        deadline = time.monotonic() + 240
+        while not (target.exists() and list(tmp_path.glob(f".*{TMP_SUFFIX}"))):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(30) == -signal.SIGKILL
+    finally:
+        process.kill()
+    state = torch.load(target, weights_only=True)  # the previous complete save, never a torn one
+    assert torch.equal(state["w"], torch.full_like(state["w"], float(state["i"])))
+
+
+def test_sampler_order_depends_on_seed_and_epoch_and_can_start_part_way():
+    dataset = list(range(50))
+    first, again = ResumableSampler(dataset, seed=3), ResumableSampler(dataset, seed=3)
+    assert list(first) == list(again) and sorted(first) == dataset
+    first.set_epoch(1)
+    assert list(first) != list(again)
+    order = list(again)
+    again.start = 20
+    assert list(again) == order[20:] and len(again) == 50  # skips once; the epoch length stays whole
+    assert list(again) == order
+    shards = [list(ResumableSampler(dataset, num_replicas=2, rank=r, seed=3)) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == dataset
+
+
+def test_loader_position_round_trips_and_applies_only_to_its_epoch():
+    dataset = torch.arange(40)
+    make = lambda: ResumableDataLoader(dataset, batch_size=4, sampler=ResumableSampler(dataset, seed=1),  # noqa: E731
+                                       generator=torch.Generator())
+    loader = make()
+    loader.sampler.set_epoch(2)
+    batches = iter(loader)
+    seen = [next(batches) for _ in range(3)]
+    state = loader.state_dict()
+    assert state["epoch"] == 2 and state["batches"] == 3
+    rest = list(batches)
+    fresh = make()
+    fresh.load_state_dict(state)
+    fresh.sampler.set_epoch(2)
+    resumed = list(fresh)
+    assert len(resumed) == len(rest) == 7 and all(torch.equal(a, b) for a, b in zip(resumed, rest, strict=True))
+    assert not any(torch.equal(a, b) for a in seen for b in resumed)
+    later = make()
+    later.load_state_dict(state)
+    later.sampler.set_epoch(3)  # a checkpoint of epoch 2 resumes at the start of epoch 3: nothing skipped
+    assert len(list(later)) == 10
+
+
+def test_atomic_writer_leaves_only_the_checkpoint(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"x": torch.ones(2)}, tmp_path / "sub" / "a.ckpt")
+    assert torch.equal(io.load_checkpoint(tmp_path / "sub" / "a.ckpt")["x"], torch.ones(2))
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.ckpt"]  # no temporary left behind

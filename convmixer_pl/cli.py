@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, RichModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from .data import ImageDataModule
@@ -215,7 +217,7 @@ class ConvMixerCLI(LightningCLI):
         trainer = self._get(self.config_init, "trainer", default={})
         callbacks = list(trainer.get("callbacks") or [])
         if trainer.get("logger") in (None, True):
-            kwargs.setdefault("logger", default_loggers(trainer["default_root_dir"]))
+            kwargs.setdefault("logger", default_loggers(trainer.get("default_root_dir") or os.getcwd()))
         if trainer.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor())
         if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary)
@@ -301,6 +303,9 @@ def main(args=None) -> None:
             raise
         print(f"convmixer: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except SIGTERMException:  # Lightning's own stop: SIGTERM before training began, or a second one
+        print("convmixer: stopped by SIGTERM without saving a checkpoint", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except (ValueError, MisconfigurationException) as err:
         if os.environ.get("CONVMIXER_DEBUG"):
             raise

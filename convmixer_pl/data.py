@@ -387,6 +387,10 @@ class ImageFolderDataModule(ImageDataModule):
     Evaluation resizes to `image_size / crop_pct` with `interpolation` and center-crops. Training augmentation is
     RandomResizedCrop + flip by default; RandAugment, ColorJitter, RandomErasing and MixUp/CutMix switch on with
     their options (see `convmixer_pl.transforms`; `configs/imagenet_*.yaml` set the paper's values).
+
+    Images of any PIL mode are read as 8-bit RGB (`read_rgb`). `bad_images: error` stops on a non-image file (at
+    setup) or an unreadable image (when read), naming it; `skip` decodes every file once at setup and leaves the
+    bad ones out with a warning and a count (docs/reliability.md).
     """
 
     def __init__(

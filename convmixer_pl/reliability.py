@@ -4,9 +4,8 @@ Lightning's checkpoints hold the weights, optimizer, schedulers and loop counter
 bit for bit this module adds the rest:
 
 - `ResumableSampler` + `ResumableDataLoader`: the training order is a permutation of (data seed, epoch), and the
-  loader reports how many batches of the epoch were handed out. Lightning stores that with its loops (it does so
-  for any loader with `state_dict`/`load_state_dict`) and hands it back on resume, so a resumed epoch skips
-  exactly the batches already trained on.
+  loader reports how many batches of the epoch were handed out; the callback below saves that and hands it back
+  on resume, so a resumed epoch skips exactly the batches already trained on.
 - `FaultTolerance` (a callback, on by default in the `convmixer` command): every rank's RNG states (python,
   numpy, torch, CUDA), restored just before the first resumed batch; the running sums behind epoch-level training
   metrics when a checkpoint is taken mid-epoch; SIGTERM/SIGINT save `last.ckpt` after the current step and stop;
@@ -226,14 +225,27 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporary checkpoint files left in `folder` by a killed process; returns what was removed."""
+def remove_stale_temporaries(folder: str | os.PathLike | None) -> list[Path]:
+    """Delete temporary checkpoint files that dead processes left in `folder`; returns what was removed."""
     removed = []
     if folder and Path(folder).is_dir():
-        for leftover in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        for leftover in Path(folder).glob(f".*.*{TMP_SUFFIX}"):
+            pid = leftover.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]
+            if pid.isdigit() and _alive(int(pid)):
+                continue  # still being written
             leftover.unlink(missing_ok=True)
             removed.append(leftover)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,15 +280,16 @@ class FaultTolerance(Callback):
         self._pending_sums: dict[str, Any] | None = None
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._saved_at: tuple[str, int] | None = None  # (last.ckpt, step) of this callback's latest save
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer
-        if stage != "fit":
-            return
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        if stage == "fit" and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if trainer.is_global_zero:
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:  # the checkpoint callbacks know their folders by now
             for callback in trainer.checkpoint_callbacks:
                 for leftover in remove_stale_temporaries(getattr(callback, "dirpath", None)):
                     _say(f"removed {leftover}, a partial checkpoint left by a killed run")
@@ -343,7 +356,7 @@ class FaultTolerance(Callback):
             sums, self._pending_sums = self._pending_sums, None
             _merge_result_sums(trainer, sums.get("tensors", {}))
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
-            _save_last(trainer)
+            self._saved_at = (_save_last(trainer), trainer.global_step)
         self._stop_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -353,7 +366,7 @@ class FaultTolerance(Callback):
         if not self.check_finite:
             return
         for name, tensor in checkpoint.get("state_dict", {}).items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 last = _last_checkpoint(trainer)
                 kept = f"the last checkpoint, {last}, is untouched" if last else "no checkpoint was written"
                 raise NonFiniteLoss(
@@ -377,7 +390,7 @@ class FaultTolerance(Callback):
     def _on_signal(self, signum: int, frame) -> None:
         self._signal = signum
         _say(f"got {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-             "(send it again to stop at once, without saving)")
+             "(send it again to stop without saving)")
         signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
 
     def _stop_if_signalled(self, trainer) -> None:
@@ -389,7 +402,10 @@ class FaultTolerance(Callback):
         if not stop:
             return
         signum = self._signal or signal.SIGTERM
-        path = _save_last(trainer)
+        if self._saved_at is not None and self._saved_at[1] == trainer.global_step:
+            path = self._saved_at[0]  # this step's save was just written
+        else:
+            path = _save_last(trainer)
         raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; "
                                   f"saved {path}. Continue with the same command and --ckpt_path last")
 
@@ -556,9 +572,9 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
                               "--name")
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        probe = Path(folder) / f".write-test.{os.getpid()}{TMP_SUFFIX}"
+        probe = Path(folder) / f".convmixer-write-test.{os.getpid()}"
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as err:
         reason = err.strerror or str(err)
         raise CheckpointError(f"{what} {folder} cannot be written ({reason}: {err.filename}); choose another "

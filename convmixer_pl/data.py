@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -335,33 +335,34 @@ class CIFARDataModule(ImageDataModule):
         return self._device_loader(self.test_set) if self.gpu_pipeline else super().predict_dataloader()
 
 
-def read_rgb(path: str) -> Image.Image:
-    """Any image PIL reads, as 8-bit RGB; a file it cannot read raises a DataError naming it.
+def read_image(path: str, mode: str = "RGB") -> Image.Image:
+    """Any image PIL reads, upright (EXIF orientation) and as 8-bit `mode` ("RGB" or "L"); a file it cannot read
+    raises a DataError naming it.
 
     Grey, grey+alpha, palette, RGBA and CMYK convert with PIL (alpha is dropped, as torchvision does); 16- and
     32-bit grey ("I;16", "I") scale to 8 bits instead of saturating at 255.
     """
     try:
         with Image.open(path) as image:
-            image.load()
+            image = ImageOps.exif_transpose(image)  # camera JPEGs: upright as displayed
             if image.mode.startswith("I"):
                 values = np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8
-                return Image.fromarray(values.astype(np.uint8)).convert("RGB")
+                return Image.fromarray(values.astype(np.uint8)).convert(mode)
             if image.mode == "F":
-                return Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8)).convert("RGB")
+                return Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8)).convert(mode)
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # what PIL asks for before dropping a palette's transparency
-            return image.convert("RGB")
+            return image.convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path} ({err}); replace or delete it, or set data.bad_images: skip "
-                        "to leave unreadable files out") from err
+        raise DataError(f"cannot read image {path} ({err}); replace or delete it (in an image folder, "
+                        "data.bad_images: skip leaves unreadable files out)") from err
 
 
 def _drop_unreadable(folder: datasets.ImageFolder, others: list[str]) -> datasets.ImageFolder:
     """`data.bad_images: skip`: decode every image once (threads), keep the readable ones, warn with a count."""
     def readable(sample: tuple[str, int]) -> str | None:
         try:
-            read_rgb(sample[0])
+            read_image(sample[0])
             return None
         except DataError as err:
             return str(err).split(";")[0]
@@ -388,7 +389,7 @@ class ImageFolderDataModule(ImageDataModule):
     RandomResizedCrop + flip by default; RandAugment, ColorJitter, RandomErasing and MixUp/CutMix switch on with
     their options (see `convmixer_pl.transforms`; `configs/imagenet_*.yaml` set the paper's values).
 
-    Images of any PIL mode are read as 8-bit RGB (`read_rgb`). `bad_images: error` stops on a non-image file (at
+    Images of any PIL mode are read as 8-bit RGB (`read_image`). `bad_images: error` stops on a non-image file (at
     setup) or an unreadable image (when read), naming it; `skip` decodes every file once at setup and leaves the
     bad ones out with a warning and a count (docs/reliability.md).
     """
@@ -465,7 +466,7 @@ class ImageFolderDataModule(ImageDataModule):
             return False
 
         try:
-            folder = datasets.ImageFolder(str(self.root / split), transform=transform, loader=read_rgb,
+            folder = datasets.ImageFolder(str(self.root / split), transform=transform, loader=read_image,
                                           is_valid_file=is_image)
         except FileNotFoundError as err:
             raise DataError(f"{self.root / split}: {err}") from err

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .data import DataError, ImageDataModule
+from .data import DataError, ImageDataModule, read_image
 from .transforms import eval_transform
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -63,13 +62,6 @@ def find_images(root: Path) -> list[Path]:
                   if path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".") and path.is_file())
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """A 16-bit, 32-bit or float grey image as 8-bit L, scaled from its range (0-1, 0-255 or 0-65535)."""
-    array = np.asarray(image, dtype=np.float32)
-    peak = next(p for p in (1.0, 255.0, 65535.0, float(array.max())) if array.max() <= p)
-    return Image.fromarray(np.clip(array / peak * 255, 0, 255).round().astype(np.uint8), "L")
-
-
 class ImageFiles(Dataset):
     """Image files of any size and PIL mode, converted to the model's channels; items are (image, index)."""
 
@@ -82,18 +74,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image)  # camera JPEGs: upright as displayed
-                if image.mode == "P" and "transparency" in image.info:
-                    image = image.convert("RGBA")  # PIL converts paletted transparency only through RGBA
-                elif image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                    image = _to_8bit(image)  # PIL's own conversion to L clips 16-bit values at 255
-                image = image.convert(self.mode)
-        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
-            raise DataError(f"{path}: cannot read this image ({err}); remove or replace the file") from err
-        return self.transform(image), index
+        return self.transform(read_image(self.paths[index], self.mode)), index
 
 
 class FolderPredictDataModule(ImageDataModule):

@@ -21,7 +21,7 @@ from conftest import CONFIGS, write_image_folder
 from PIL import Image
 
 from convmixer_pl.cli import main
-from convmixer_pl.data import DataError, read_rgb
+from convmixer_pl.data import DataError, read_image
 
 DIGITS = ["--config", str(CONFIGS / "digits.yaml"), "--model.dim", "8", "--model.depth", "1",
           "--model.kernel_size", "3", "--data.image_size", "8", "--trainer.enable_progress_bar", "false",
@@ -181,7 +181,7 @@ def _images_in_every_mode(folder: Path) -> dict[str, tuple[int, int, int]]:
 def test_images_in_every_mode_read_as_8_bit_rgb(tmp_path):
     expected = _images_in_every_mode(tmp_path)
     for name, colour in expected.items():
-        image = read_rgb(str(tmp_path / name))
+        image = read_image(str(tmp_path / name))
         assert image.mode == "RGB", name
         assert np.abs(np.asarray(image)[0, 0].astype(int) - colour).max() <= 8, (name, np.asarray(image)[0, 0])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def write_mixed_images(root: Path) -> list[Path]:
 def grey(path: Path) -> Image.Image:
     with Image.open(path) as image:
         if image.mode == "I;16":  # 0..65535 -> 0..255
-            return Image.fromarray((np.asarray(image, np.float32) / 65535 * 255).round().astype(np.uint8), "L")
+            return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
         return image.convert("RGBA").convert("L")
 
 
@@ -136,7 +137,7 @@ def test_unreadable_image_is_a_one_line_error_naming_the_file(digits_run, tmp_pa
         main(["predict", "--ckpt_path", str(digits_run / "last.ckpt"), "--data", str(tmp_path / "images"),
               "--predictions.output", str(tmp_path / "p.csv"), *elsewhere(tmp_path)])
     assert exit_info.value.code == 2
-    assert "broken.png: cannot read this image" in capsys.readouterr().err
+    assert re.search(r"cannot read image \S*broken.png", capsys.readouterr().err)
     assert not (tmp_path / "p.csv").exists()
 
 

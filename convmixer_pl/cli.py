@@ -31,8 +31,6 @@ from .reliability import (
 )
 from .throughput import ThroughputCallback
 
-EVAL_SUBCOMMANDS = ("validate", "test", "predict")
-
 
 class CLIError(ValueError):
     """A bad command line or config value; the message says which and how to fix it."""

@@ -7,10 +7,14 @@ the official script's own settings: NCHW, eager, fp32 on the CPU and fp16 autoca
 of random batches already on the device, so the numbers are the training/inference steps, not data loading.
 
 Speeds are medians over the timed steps (per-step wall time, the device synchronised at every step boundary);
-p25-p75 shows the noise. Memory is the peak during the timed steps above what was in use before the phase
-started (model and data): `torch.cuda.max_memory_allocated` on a GPU; on the CPU the process's peak resident set
-size (VmHWM, reset through /proc/self/clear_refs after returning freed heap with malloc_trim), which also counts
-anything the warm-up left resident (compiled code, allocator caches).
+p25-p75 shows the noise. With `--rounds N` every run is repeated N times, the runners taking turns, and a ratio
+is the median over rounds of the ratio of that round's median step times (paired, so slow spells on a shared
+machine hit both sides of a ratio alike).
+
+Memory is the peak during the timed steps above what was in use before the phase started (model and data):
+`torch.cuda.max_memory_allocated` on a GPU; on the CPU the process's peak resident set size (VmHWM, reset through
+/proc/self/clear_refs after returning freed heap with malloc_trim), which also counts what the allocator keeps and
+anything the warm-up left resident (compiled code, Python objects), so it is coarser than the CUDA figure.
 
     python -m convmixer_pl.benchmark --variant convmixer_256_8 --image-size 32 --batch-size 64 \\
         --precision bf16-mixed --channels-last on --rounds 3
@@ -63,6 +67,8 @@ class Result:
     grad_checkpointing: bool
     train_steps: list[float] = field(default_factory=list)
     infer_steps: list[float] = field(default_factory=list)
+    train_rounds: list[float] = field(default_factory=list)  # median step time of each round
+    infer_rounds: list[float] = field(default_factory=list)
     train_peak_mib: list[float] = field(default_factory=list)
     infer_peak_mib: list[float] = field(default_factory=list)
 
@@ -434,6 +440,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         for result, kind, phase, base in plan:
             steps, peak = measure(kind, phase, base, device, pool, args.warmup, args.steps)
             getattr(result, f"{phase}_steps").extend(steps)
+            getattr(result, f"{phase}_rounds").append(statistics.median(steps))
             getattr(result, f"{phase}_peak_mib").append(peak)
 
     memory = PeakMemory(device)
@@ -473,9 +480,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 continue
             ratios = []
             for phase, label in (("train", "train"), ("infer", "inference")):
-                mine, theirs = getattr(ours, f"{phase}_steps"), getattr(ref, f"{phase}_steps")
-                if mine and theirs:
-                    ratios.append(f"{label} {statistics.median(theirs) / statistics.median(mine):.2f}x")
+                mine, theirs = getattr(ours, f"{phase}_rounds"), getattr(ref, f"{phase}_rounds")
+                if mine and theirs:  # paired by round: both ran minutes apart at most, under similar load
+                    ratio = statistics.median(t / m for t, m in zip(theirs, mine, strict=True))
+                    ratios.append(f"{label} {ratio:.2f}x")
             if ratios:
                 suffix = " (grad_ckpt on)" if ckpt else ""
                 print(f"ratio {top}/{bottom}{suffix}: {', '.join(ratios)}")

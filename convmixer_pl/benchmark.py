@@ -138,11 +138,34 @@ class PeakMemory:
         return (_proc_status_kib("VmHWM") * 1024 - self.base) / 2**20
 
 
-def _load_average() -> str:
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far; None where /proc/stat is
+    missing. Time stolen by a hypervisor counts as busy: it is contention too."""
     try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        return ""
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+class OtherCPU:
+    """How many CPUs other processes kept busy, on average, between `start()` and `stop()`."""
+
+    def __init__(self) -> None:
+        self.begin: tuple[float, float] | None = None
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        self.begin, self.t0 = _cpu_seconds(), time.perf_counter()
+
+    def stop(self) -> float:
+        end = _cpu_seconds()
+        if self.begin is None or end is None:
+            return float("nan")
+        wall = time.perf_counter() - self.t0
+        return max(0.0, (end[0] - self.begin[0]) - (end[1] - self.begin[1])) / wall if wall > 0 else float("nan")
 
 
 class Clock:
@@ -290,18 +313,22 @@ def lightning_infer(setup: Setup, device: torch.device, batches: Batches, clock:
 
 
 def measure(runner: str, phase: str, setup: Setup, device: torch.device, pool, warmup: int, steps: int
-            ) -> tuple[list[float], float]:
-    """Step times (s) and peak memory (MiB) of one runner and phase."""
+            ) -> tuple[list[float], float, float]:
+    """Step times (s), peak memory (MiB) and the other processes' CPU use (CPUs) of one runner and phase."""
     if setup.compile:
         torch._dynamo.reset()  # every run compiles its own model: no run profits from another's cache
     fn = {("lightning", "train"): lightning_train, ("lightning", "infer"): lightning_infer,
           ("plain", "train"): plain_train, ("plain", "infer"): plain_infer}[(runner, phase)]
-    memory = PeakMemory(device)
-    clock = Clock(device, warmup, on_warm=memory.reset_peak)
+    memory, others = PeakMemory(device), OtherCPU()
+
+    def warm() -> None:
+        memory.reset_peak()
+        others.start()
+
+    clock = Clock(device, warmup, on_warm=warm)
     memory.start()
     fn(setup, device, Batches(pool, warmup + steps), clock)
-    peak = memory.peak_mib()
-    return clock.steps(), peak
+    return clock.steps(), memory.peak_mib(), others.stop()
 
 
 # --- the data pipelines ---------------------------------------------------------------------------------------------
@@ -435,10 +462,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     continue
                 plan.append((result, "lightning" if runner == "lightning" else "plain", phase, base))
 
-    load_before = _load_average()
+    other_cpu: list[float] = []
     for _ in range(args.rounds):
         for result, kind, phase, base in plan:
-            steps, peak = measure(kind, phase, base, device, pool, args.warmup, args.steps)
+            steps, peak, others = measure(kind, phase, base, device, pool, args.warmup, args.steps)
+            other_cpu.append(others)
             getattr(result, f"{phase}_steps").extend(steps)
             getattr(result, f"{phase}_rounds").append(statistics.median(steps))
             getattr(result, f"{phase}_peak_mib").append(peak)
@@ -459,9 +487,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"official: the plain loop in NCHW, eager, precision {official.precision} "
           f"(the official script on {device.type})")
     print(f"memory: {memory.kind}, peak during the timed steps above the memory in use before the phase (MiB)")
-    if device.type == "cpu" and load_before:
-        print(f"load average (1 min) before/after: {load_before}/{_load_average()} on {os.cpu_count()} CPUs "
-              "(other processes slow the runs down and add noise)")
+    if other_cpu and other_cpu[0] == other_cpu[0]:  # not NaN: /proc/stat was readable
+        print(f"other processes kept {statistics.median(other_cpu):.2f} of {os.cpu_count()} CPUs busy during the "
+              f"timed steps (median over runs; max {max(other_cpu):.2f}): they slow the runs down and add noise")
     print()
     header = f"{'runner':<10} {'grad_ckpt':<9} {'train images/s (p25-p75)':>26} {'inference images/s (p25-p75)':>30} " \
              f"{'train peak MiB':>15} {'inference peak MiB':>19}"
@@ -497,6 +525,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "setup": asdict(setup), "official": asdict(official),
                        "device": name, "memory": memory.kind, "augmentation_images_per_sec": augmentation,
+                       "other_cpu": other_cpu,
                        "results": [asdict(r) for r in results]}, f, indent=1)
     return results
 

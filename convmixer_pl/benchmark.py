@@ -65,10 +65,11 @@ class Setup:
 class Result:
     runner: str
     grad_checkpointing: bool
-    train_steps: list[float] = field(default_factory=list)
-    infer_steps: list[float] = field(default_factory=list)
-    train_rounds: list[float] = field(default_factory=list)  # median step time of each round
-    infer_rounds: list[float] = field(default_factory=list)
+    # per round: the step times (s), and the CPUs other processes kept busy during each step
+    train_steps: list[list[float]] = field(default_factory=list)
+    infer_steps: list[list[float]] = field(default_factory=list)
+    train_others: list[list[float]] = field(default_factory=list)
+    infer_others: list[list[float]] = field(default_factory=list)
     train_peak_mib: list[float] = field(default_factory=list)
     infer_peak_mib: list[float] = field(default_factory=list)
 
@@ -150,40 +151,35 @@ def _cpu_seconds() -> tuple[float, float] | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
-class OtherCPU:
-    """How many CPUs other processes kept busy, on average, between `start()` and `stop()`."""
-
-    def __init__(self) -> None:
-        self.begin: tuple[float, float] | None = None
-        self.t0 = 0.0
-
-    def start(self) -> None:
-        self.begin, self.t0 = _cpu_seconds(), time.perf_counter()
-
-    def stop(self) -> float:
-        end = _cpu_seconds()
-        if self.begin is None or end is None:
-            return float("nan")
-        wall = time.perf_counter() - self.t0
-        return max(0.0, (end[0] - self.begin[0]) - (end[1] - self.begin[1])) / wall if wall > 0 else float("nan")
-
-
 class Clock:
     """Timestamps at the start of each step; the step times are the gaps between them after the warm-up."""
 
     def __init__(self, device: torch.device, warmup: int, on_warm: Callable[[], None]) -> None:
         self.device, self.warmup, self.on_warm = device, warmup, on_warm
         self.stamps: list[float] = []
+        self.cpu: list[tuple[float, float] | None] = []
 
     def tick(self) -> None:
         _sync(self.device)
         if len(self.stamps) == self.warmup:
             self.on_warm()
         self.stamps.append(time.perf_counter())
+        self.cpu.append(_cpu_seconds())
 
     def steps(self) -> list[float]:
         gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]  # noqa: B905 (lengths differ by one)
         return gaps[self.warmup:]
+
+    def others(self) -> list[float]:
+        """CPUs that other processes kept busy during each timed step (NaN where unknown: no /proc/stat, or a
+        step too short to tell)."""
+        out = []
+        for (t0, c0), (t1, c1) in zip(zip(self.stamps, self.cpu), zip(self.stamps[1:], self.cpu[1:])):  # noqa: B905
+            if c0 is None or c1 is None or t1 - t0 < 0.05:  # /proc/stat counts 10 ms ticks: too coarse below
+                out.append(float("nan"))
+            else:
+                out.append(max(0.0, (c1[0] - c0[0]) - (c1[1] - c0[1])) / (t1 - t0))
+        return out[self.warmup:]
 
 
 class Batches:
@@ -313,22 +309,17 @@ def lightning_infer(setup: Setup, device: torch.device, batches: Batches, clock:
 
 
 def measure(runner: str, phase: str, setup: Setup, device: torch.device, pool, warmup: int, steps: int
-            ) -> tuple[list[float], float, float]:
-    """Step times (s), peak memory (MiB) and the other processes' CPU use (CPUs) of one runner and phase."""
+            ) -> tuple[list[float], list[float], float]:
+    """Step times (s), the other processes' CPU use during each (CPUs), and peak memory (MiB) of one run."""
     if setup.compile:
         torch._dynamo.reset()  # every run compiles its own model: no run profits from another's cache
     fn = {("lightning", "train"): lightning_train, ("lightning", "infer"): lightning_infer,
           ("plain", "train"): plain_train, ("plain", "infer"): plain_infer}[(runner, phase)]
-    memory, others = PeakMemory(device), OtherCPU()
-
-    def warm() -> None:
-        memory.reset_peak()
-        others.start()
-
-    clock = Clock(device, warmup, on_warm=warm)
+    memory = PeakMemory(device)
+    clock = Clock(device, warmup, on_warm=memory.reset_peak)
     memory.start()
     fn(setup, device, Batches(pool, warmup + steps), clock)
-    return clock.steps(), memory.peak_mib(), others.stop()
+    return clock.steps(), clock.others(), memory.peak_mib()
 
 
 # --- the data pipelines ---------------------------------------------------------------------------------------------
@@ -383,6 +374,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="repeat every run, alternating runners, to even out noise")
     p.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated subset of {','.join(RUNNERS)}")
     p.add_argument("--phases", default="train,infer", help="comma-separated subset of train,infer")
+    p.add_argument("--quiet-cpus", type=float, default=0.25,
+                   help="CPU runs: leave out steps during which other processes kept more than this many CPUs "
+                        "busy (a shared machine); inf keeps every step")
     p.add_argument("--augmentation", action="store_true",
                    help="also time the CIFAR augmentation: per-image torchvision vs batched on the device")
     p.add_argument("--json", help="also write the results to this file")
@@ -413,19 +407,24 @@ def build_setups(args: argparse.Namespace, device: torch.device) -> tuple[Setup,
     return setup, official
 
 
-def _median_rate(batch: int, steps: list[float]) -> tuple[float, float, float]:
-    """images/s at the median step time, and at the 75th and 25th percentile step times."""
+def _kept(steps: list[list[float]], others: list[list[float]], limit: float) -> list[list[float]]:
+    """Per round, the steps during which other processes stayed at or below `limit` CPUs."""
+    return [[t for t, o in zip(ts, os_, strict=True) if not o > limit] for ts, os_ in zip(steps, others, strict=True)]
+
+
+def _rate_text(batch: int, rounds: list[list[float]], total: int) -> str:
+    steps = [t for r in rounds for t in r]
     if not steps:
-        return (float("nan"),) * 3
+        return "-" if not total else f"- (0/{total})"
     q = statistics.quantiles(steps, n=4) if len(steps) > 1 else [steps[0]] * 3
-    return batch / statistics.median(steps), batch / q[2], batch / q[0]
+    kept = "" if len(steps) == total else f" [{len(steps)}/{total}]"
+    return f"{batch / statistics.median(steps):.1f} ({batch / q[2]:.1f}-{batch / q[0]:.1f}){kept}"
 
 
-def _rate_text(batch: int, steps: list[float]) -> str:
-    if not steps:
-        return "-"
-    med, low, high = _median_rate(batch, steps)
-    return f"{med:.1f} ({low:.1f}-{high:.1f})"
+def _paired_ratio(mine: list[list[float]], theirs: list[list[float]]) -> float | None:
+    """Median over rounds of (their median step time / mine), rounds where both kept steps."""
+    ratios = [statistics.median(t) / statistics.median(m) for m, t in zip(mine, theirs, strict=False) if m and t]
+    return statistics.median(ratios) if ratios else None
 
 
 def _mib_text(values: list[float]) -> str:
@@ -462,14 +461,17 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     continue
                 plan.append((result, "lightning" if runner == "lightning" else "plain", phase, base))
 
-    other_cpu: list[float] = []
     for _ in range(args.rounds):
         for result, kind, phase, base in plan:
-            steps, peak, others = measure(kind, phase, base, device, pool, args.warmup, args.steps)
-            other_cpu.append(others)
-            getattr(result, f"{phase}_steps").extend(steps)
-            getattr(result, f"{phase}_rounds").append(statistics.median(steps))
+            steps, others, peak = measure(kind, phase, base, device, pool, args.warmup, args.steps)
+            getattr(result, f"{phase}_steps").append(steps)
+            getattr(result, f"{phase}_others").append(others)
             getattr(result, f"{phase}_peak_mib").append(peak)
+    limit = args.quiet_cpus if device.type == "cpu" else float("inf")
+    kept = {(id(r), phase): _kept(getattr(r, f"{phase}_steps"), getattr(r, f"{phase}_others"), limit)
+            for r in results for phase in ("train", "infer")}
+    other_cpu = [o for r in results for phase in ("train", "infer") for rnd in getattr(r, f"{phase}_others")
+                 for o in rnd if o == o]
 
     memory = PeakMemory(device)
     a = setup.arch
@@ -487,16 +489,20 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"official: the plain loop in NCHW, eager, precision {official.precision} "
           f"(the official script on {device.type})")
     print(f"memory: {memory.kind}, peak during the timed steps above the memory in use before the phase (MiB)")
-    if other_cpu and other_cpu[0] == other_cpu[0]:  # not NaN: /proc/stat was readable
-        print(f"other processes kept {statistics.median(other_cpu):.2f} of {os.cpu_count()} CPUs busy during the "
-              f"timed steps (median over runs; max {max(other_cpu):.2f}): they slow the runs down and add noise")
+    if other_cpu:
+        print(f"other processes kept {statistics.median(other_cpu):.2f} of {os.cpu_count()} CPUs busy per step "
+              f"(median; max {max(other_cpu):.2f}); they slow steps down and add noise")
+        if limit != float("inf"):
+            print(f"figures leave out steps during which other processes kept more than {limit:g} CPUs busy; "
+                  "[kept/all] marks where that happened")
     print()
-    header = f"{'runner':<10} {'grad_ckpt':<9} {'train images/s (p25-p75)':>26} {'inference images/s (p25-p75)':>30} " \
+    header = f"{'runner':<10} {'grad_ckpt':<9} {'train images/s (p25-p75)':>34} {'inference images/s (p25-p75)':>34} " \
              f"{'train peak MiB':>15} {'inference peak MiB':>19}"
     print(header)
     for r in results:
-        print(f"{r.runner:<10} {'on' if r.grad_checkpointing else 'off':<9} "
-              f"{_rate_text(setup.batch_size, r.train_steps):>26} {_rate_text(setup.batch_size, r.infer_steps):>30} "
+        rates = [_rate_text(setup.batch_size, kept[id(r), phase], sum(map(len, getattr(r, f"{phase}_steps"))))
+                 for phase in ("train", "infer")]
+        print(f"{r.runner:<10} {'on' if r.grad_checkpointing else 'off':<9} {rates[0]:>34} {rates[1]:>34} "
               f"{_mib_text(r.train_peak_mib):>15} {_mib_text(r.infer_peak_mib):>19}")
     print()
     by_key = {(r.runner, r.grad_checkpointing): r for r in results}
@@ -508,9 +514,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 continue
             ratios = []
             for phase, label in (("train", "train"), ("infer", "inference")):
-                mine, theirs = getattr(ours, f"{phase}_rounds"), getattr(ref, f"{phase}_rounds")
-                if mine and theirs:  # paired by round: both ran minutes apart at most, under similar load
-                    ratio = statistics.median(t / m for t, m in zip(theirs, mine, strict=True))
+                # paired by round: both ran minutes apart at most, under similar conditions
+                ratio = _paired_ratio(kept[id(ours), phase], kept[id(ref), phase])
+                if ratio is not None:
                     ratios.append(f"{label} {ratio:.2f}x")
             if ratios:
                 suffix = " (grad_ckpt on)" if ckpt else ""
@@ -525,7 +531,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "setup": asdict(setup), "official": asdict(official),
                        "device": name, "memory": memory.kind, "augmentation_images_per_sec": augmentation,
-                       "other_cpu": other_cpu,
+                       "quiet_cpus": None if limit == float("inf") else limit,
                        "results": [asdict(r) for r in results]}, f, indent=1)
     return results
 

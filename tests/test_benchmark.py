@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,13 +16,13 @@ from convmixer_pl import benchmark
 
 TINY = ["--dim", "8", "--depth", "2", "--kernel-size", "3", "--image-size", "8", "--batch-size", "4",
         "--steps", "2", "--warmup", "1", "--device", "cpu"]
-NUMBER = r"(\d+\.\d+) \((\d+\.\d+)-(\d+\.\d+)\)"  # images/s (p25-p75)
+NUMBER = r"(\d+\.\d+) \((\d+\.\d+)-(\d+\.\d+)\)(?: \[\d+/\d+\])?"  # images/s (p25-p75) [kept/all]
 
 
 def test_benchmark_prints_speed_memory_and_ratios(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, "-m", "convmixer_pl.benchmark", *TINY, "--grad-checkpointing", "both",
-                           "--precision", "bf16-mixed", "--json", str(out)],
+                           "--precision", "bf16-mixed", "--augmentation", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
@@ -43,11 +45,14 @@ def test_benchmark_prints_speed_memory_and_ratios(tmp_path):
     for pair in ("lightning/plain", "lightning/official", "plain/official"):
         assert re.search(rf"ratio {pair}: train \d+\.\d\dx, inference \d+\.\d\dx", text), pair
     assert re.search(r"ratio lightning/plain \(grad_ckpt on\): train \d+\.\d\dx$", text, re.M)
+    augment = re.search(r"augmentation .* per-image torchvision (\d+) \(one process\), batched on cpu (\d+)", text)
+    assert augment and int(augment[1]) > 0 and int(augment[2]) > 0
 
     saved = json.loads(out.read_text())
     assert saved["setup"]["precision"] == "bf16-mixed" and saved["setup"]["channels_last"] is True
     steps = {(r["runner"], r["grad_checkpointing"]): r for r in saved["results"]}
-    assert len(steps["lightning", False]["train_steps"]) == 2 and len(steps["plain", False]["infer_steps"]) == 2
+    assert [len(r) for r in steps["lightning", False]["train_steps"]] == [2]  # one round of 2 timed steps
+    assert [len(r) for r in steps["plain", False]["infer_steps"]] == [2]
     assert steps["plain", True]["infer_steps"] == []
 
 
@@ -61,6 +66,29 @@ def test_peak_memory_sees_an_allocation():
     assert 60 < memory.peak_mib() < 200
     memory.reset_peak()  # forgets the block: the peak is back near the baseline
     assert memory.peak_mib() < 30
+
+
+def test_busy_steps_are_left_out_and_ratios_pair_rounds():
+    steps = [[1.0, 2.0, 1.1], [1.2, 1.3]]
+    others = [[0.1, 1.5, float("nan")], [0.9, 0.2]]  # NaN: unknown, kept
+    kept = benchmark._kept(steps, others, 0.25)
+    assert kept == [[1.0, 1.1], [1.3]]
+    assert benchmark._kept(steps, others, float("inf")) == steps
+    # round by round: (2.0 / 1.0, 3.0 / 1.5) -> median 2.0; a round where one side kept nothing is skipped
+    assert benchmark._paired_ratio([[1.0], [1.5], []], [[2.0], [3.0], [9.0]]) == 2.0
+    assert benchmark._paired_ratio([[]], [[1.0]]) is None
+
+
+def test_clock_reports_other_processes_cpu():
+    clock = benchmark.Clock(torch.device("cpu"), warmup=0, on_warm=lambda: None)
+    for _ in range(3):
+        clock.tick()
+        end = time.perf_counter() + 0.06
+        while time.perf_counter() < end:  # this process's own work is not counted as others'
+            pass
+    clock.tick()
+    assert len(clock.steps()) == 3 and all(0.05 < t < 1 for t in clock.steps())
+    assert all(0 <= o <= os.cpu_count() for o in clock.others())
 
 
 def test_bad_arguments_exit_with_a_message(capsys):

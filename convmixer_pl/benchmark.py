@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from . import depthwise
 from .model import VARIANTS, ConvMixer
 from .module import one_cycle, use_channels_last
 
@@ -367,6 +368,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grad-checkpointing", default="off", choices=("off", "on", "both"),
                    help="both: measure training with and without it (inference does not use it)")
     p.add_argument("--cudnn-benchmark", action="store_true")
+    p.add_argument("--stock-depthwise", action="store_true",
+                   help="every runner uses nn.Conv2d's depthwise backward, not DepthwiseConv2d's CPU weight "
+                        "gradient (the official runner always does)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     pool = make_pool(setup, device)
 
     # (runner, setup) pairs in the order they run; inference never uses checkpointing, so it runs once
-    plan: list[tuple[Result, str, str, Setup]] = []
+    plan: list[tuple[Result, str, str, Setup, bool]] = []
     results: list[Result] = []
     for runner in runners:
         for ckpt in ([False] if runner == "official" else ckpt_settings):
@@ -459,11 +463,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
             for phase in phases:
                 if phase == "infer" and ckpt and len(ckpt_settings) > 1:
                     continue
-                plan.append((result, "lightning" if runner == "lightning" else "plain", phase, base))
+                stock = args.stock_depthwise or runner == "official"
+                plan.append((result, "lightning" if runner == "lightning" else "plain", phase, base, stock))
 
     for _ in range(args.rounds):
-        for result, kind, phase, base in plan:
-            steps, others, peak = measure(kind, phase, base, device, pool, args.warmup, args.steps)
+        for result, kind, phase, base, stock in plan:
+            depthwise.ENABLED = not stock
+            try:
+                steps, others, peak = measure(kind, phase, base, device, pool, args.warmup, args.steps)
+            finally:
+                depthwise.ENABLED = True
             getattr(result, f"{phase}_steps").append(steps)
             getattr(result, f"{phase}_others").append(others)
             getattr(result, f"{phase}_peak_mib").append(peak)
@@ -486,8 +495,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
           f"{setup.compile_mode if setup.compile else 'off'}, cudnn_benchmark {on_off[setup.cudnn_benchmark]}")
     print(f"device: {name}{threads}; {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} round(s); "
           f"torch {torch.__version__}")
-    print(f"official: the plain loop in NCHW, eager, precision {official.precision} "
-          f"(the official script on {device.type})")
+    print(f"official: the plain loop in NCHW, eager, precision {official.precision}, nn.Conv2d's depthwise "
+          f"backward (the official script on {device.type})")
+    if device.type == "cpu":
+        which = "nn.Conv2d's (--stock-depthwise)" if args.stock_depthwise else "convmixer_pl.depthwise's"
+        print(f"depthwise weight gradient of lightning and plain: {which}")
     print(f"memory: {memory.kind}, peak during the timed steps above the memory in use before the phase (MiB)")
     if other_cpu:
         print(f"other processes kept {statistics.median(other_cpu):.2f} of {os.cpu_count()} CPUs busy per step "

@@ -1,22 +1,82 @@
-"""The depthwise convolution of the ConvMixer blocks, with a faster weight gradient for bf16 on the CPU.
+"""The depthwise convolution of the ConvMixer blocks, with a faster weight gradient on the CPU.
 
-On the CPU, oneDNN's bf16 weight gradient of a depthwise convolution is several times slower than its fp32 one
-(ConvMixer-256/8, batch 64, 32 px: ~45 ms against ~20 ms per block on this project's 2-core machine, while the
-forward pass takes ~1 ms), and it dominates a bf16 training step. Under bf16 on the CPU this module computes that
-gradient from fp32 copies of the input and output gradient instead: the same math, accumulated in fp32 (so at
-least as accurate), about twice as fast. Everything else, and every other device and dtype, is `nn.Conv2d`'s.
+On the CPU the depthwise weight gradient dominates a ConvMixer training step. For ConvMixer-256/8 (batch 64, 32 px,
+kernel 5) on this project's 2-core machine oneDNN takes 22-34 ms per block for it in fp32 and 65-73 ms in bf16,
+while the forward pass takes 2-4 ms. During training on the CPU this module computes that gradient another way:
+
+- bf16: from fp32 copies of the bf16 input and output gradient, because oneDNN's bf16 weight gradient is 2-3x
+  slower than its fp32 one (the same math, accumulated in fp32, so at least as accurate);
+- channels_last, kernel 5, at least `COMPILED_MIN_NUMEL` activations: with a kernel that torch.compile generates
+  from the 25-tap reduction, one pass over both tensors vectorised over channels, in fp32: 8-11 ms instead of
+  22-34. Kernel 3 keeps oneDNN (it has a fast kernel for it: 4 ms) and so do kernels 7 and 9 (the generated
+  kernel was no faster there). Compiling takes a few seconds once per shape; if it fails (no C++ compiler, say),
+  a warning is printed once and oneDNN's gradient is used.
+
+Parameters, state_dict, outputs and input gradients are `nn.Conv2d`'s; so is everything on other devices, in
+evaluation, and inside a torch.compile'd model. docs/benchmarks.md has the measurements and the commands.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ENABLED = True  # set False to measure the stock path (docs/benchmarks.md)
+COMPILED_KERNEL_SIZES = (5,)  # where the generated weight-gradient kernel measured faster than oneDNN
+COMPILED_MIN_NUMEL = 2**20  # smaller activations gain less per step than the compile costs
+_MAX_COMPILED_SHAPES = 6  # below torch._dynamo's recompile limit, past which it would run the slow eager loop
+
+_compiled_fn = None  # the torch.compile'd `_weight_grad_taps`, built on first use; False once compiling failed
+_compiled_keys: set[tuple] = set()
 
 
-class _BF16CPUDepthwise(torch.autograd.Function):
+def _weight_grad_taps(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias gradient of a stride-1 depthwise convolution in fp32, one reduction per kernel tap. Eager,
+    this is slow; compiled, it becomes a single loop over both tensors with k*k accumulators per channel vector."""
+    x, grad_out = x.float(), grad_out.float()
+    k, (height, width) = 2 * padding + 1, x.shape[-2:]
+    padded = F.pad(x, (padding,) * 4)
+    taps = [(grad_out * padded[:, :, i:i + height, j:j + width]).sum((0, 2, 3)) for i in range(k) for j in range(k)]
+    return torch.stack(taps, 1).view(-1, 1, k, k), grad_out.sum((0, 2, 3))
+
+
+def _use_compiled(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> bool:
+    if _compiled_fn is False or 2 * padding + 1 not in COMPILED_KERNEL_SIZES or x.numel() < COMPILED_MIN_NUMEL:
+        return False
+    if not (x.is_contiguous(memory_format=torch.channels_last)
+            and grad_out.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    key = (tuple(x.shape), x.dtype, grad_out.dtype, padding)
+    if key not in _compiled_keys and len(_compiled_keys) >= _MAX_COMPILED_SHAPES:
+        return False
+    _compiled_keys.add(key)
+    return True
+
+
+def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, padding: int, with_bias: bool):
+    global _compiled_fn
+    if _use_compiled(x, grad_out, padding):
+        try:
+            if _compiled_fn is None:
+                _compiled_fn = torch.compile(_weight_grad_taps, dynamic=False)
+            grad_w, grad_b = _compiled_fn(x, grad_out, padding)
+            return grad_w, grad_b if with_bias else None
+        except Exception as err:  # a compiler missing or failing: fall back for the rest of the process
+            _compiled_fn = False
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            warnings.warn(f"convmixer_pl.depthwise: compiling the CPU weight-gradient kernel failed ({first_line}); "
+                          "using oneDNN's", stacklevel=2)
+    channels = x.shape[1]
+    _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_out.float(), x.float(), weight.float(), [channels], [1, 1], [padding] * 2, [1, 1], False, [0, 0],
+        channels, [False, True, with_bias])
+    return grad_w, grad_b
+
+
+class _CPUDepthwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int):
         w = weight.to(x.dtype)
@@ -27,30 +87,39 @@ class _BF16CPUDepthwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, w = ctx.saved_tensors
-        channels, pad = x.shape[1], [ctx.padding] * 2
+        channels, padding = x.shape[1], ctx.padding
         weight_dtype, bias_dtype = ctx.dtypes
-        args = ([1, 1], pad, [1, 1], False, [0, 0], channels)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad_out, x, w, None, *args, [True, False, False])[0]
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, w, None, [1, 1], [padding] * 2, [1, 1], False, [0, 0], channels,
+                [True, False, False])[0]
         if ctx.needs_input_grad[1] or (bias_dtype is not None and ctx.needs_input_grad[2]):
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out.float(), x.float(), w.float(), [channels], *args, [False, True, bias_dtype is not None])
+            grad_w, grad_b = _weight_grad(x, grad_out, w, padding, bias_dtype is not None)
             grad_w = grad_w.to(weight_dtype)
             grad_b = None if grad_b is None else grad_b.to(bias_dtype)
         return grad_x, grad_w, grad_b, None
 
 
+def _cpu_bf16(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
 class DepthwiseConv2d(nn.Conv2d):
     """`nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same")` for an odd kernel: same parameters, same
-    state_dict, same outputs; only the bf16 CPU backward pass differs (see the module docstring)."""
+    state_dict, same outputs; only the CPU weight gradient is computed differently (see the module docstring)."""
 
     def __init__(self, dim: int, kernel_size: int) -> None:
         super().__init__(dim, dim, kernel_size, groups=dim, padding="same")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ENABLED and x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad and (
-                x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                              and torch.get_autocast_dtype("cpu") == torch.bfloat16)):
-            return _BF16CPUDepthwise.apply(x.to(torch.bfloat16), self.weight, self.bias, self.kernel_size[0] // 2)
+        if (ENABLED and x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
+                and not torch.compiler.is_compiling()):
+            padding = self.kernel_size[0] // 2
+            if _cpu_bf16(x):
+                return _CPUDepthwise.apply(x.to(torch.bfloat16), self.weight, self.bias, padding)
+            if (x.dtype == torch.float32 and self.kernel_size[0] in COMPILED_KERNEL_SIZES
+                    and x.numel() >= COMPILED_MIN_NUMEL and x.is_contiguous(memory_format=torch.channels_last)):
+                return _CPUDepthwise.apply(x, self.weight, self.bias, padding)
         return super().forward(x)

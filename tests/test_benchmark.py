@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ def test_benchmark_prints_speed_memory_and_ratios(tmp_path):
     text = proc.stdout
     assert "model: convmixer_256_8 dim=8 depth=2 kernel=3 patch=2 classes=10, 8x8, batch 4" in text
     assert "settings: precision bf16-mixed, channels_last on (auto), compile off" in text
-    assert "official: the plain loop in NCHW, eager, precision 32-true" in text
+    assert "official: the plain loop in NCHW, eager, precision 32-true, nn.Conv2d's depthwise backward" in text
+    assert "depthwise weight gradient of lightning and plain: convmixer_pl.depthwise's" in text
     assert "memory: CPU peak RSS (VmHWM)" in text
     rows = {}
     for line in text.splitlines():
@@ -97,3 +99,15 @@ def test_bad_arguments_exit_with_a_message(capsys):
             benchmark.main(argv)
         assert exit_info.value.code == 2
     assert "keras not in lightning,plain,official" in capsys.readouterr().err
+
+
+def test_depthwise_weight_grad_script_prints_times_and_agreement(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "depthwise_weight_grad.py"
+    proc = subprocess.run([sys.executable, str(script), "--batch", "2", "--dim", "8", "--size", "6", "--kernels", "5",
+                           "--calls", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "activations (2, 8, 6, 6), channels_last" in proc.stdout
+    row = re.search(r"^\s+5" + r"\s+(\d+\.\d+)" * 4 + r"\s+(\S+)$", proc.stdout, re.M)
+    assert row, proc.stdout
+    assert all(float(row[i]) > 0 for i in range(1, 5))
+    assert float(row[5]) < 1e-5  # the compiled fp32 gradient is oneDNN's

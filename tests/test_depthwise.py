@@ -1,0 +1,127 @@
+"""DepthwiseConv2d: nn.Conv2d's parameters and outputs, with the CPU weight gradient computed in fp32 (bf16) or by a
+compiled kernel (channels_last, kernel 5); and the fallback to oneDNN when that kernel cannot be compiled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convmixer_pl.depthwise as depthwise
+from convmixer_pl.depthwise import DepthwiseConv2d
+
+CHANNELS, KERNEL = 8, 5
+
+
+@pytest.fixture(params=["onednn", "compiled"])
+def weight_grad_path(request, monkeypatch):
+    """Route the weight gradient through oneDNN's fp32 one, or through the compiled kernel (on a tiny tensor)."""
+    monkeypatch.setattr(depthwise, "COMPILED_MIN_NUMEL", 0 if request.param == "compiled" else 2**62)
+    monkeypatch.setattr(depthwise, "_compiled_keys", set())
+    yield request.param
+    assert bool(depthwise._compiled_keys) == (request.param == "compiled")  # the path taken was the one asked for
+
+
+def _pair() -> tuple[DepthwiseConv2d, torch.nn.Conv2d]:
+    conv = DepthwiseConv2d(CHANNELS, KERNEL)
+    stock = torch.nn.Conv2d(CHANNELS, CHANNELS, KERNEL, groups=CHANNELS, padding="same")
+    stock.load_state_dict(conv.state_dict())
+    return conv, stock
+
+
+def _reference_grads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad_out: torch.Tensor):
+    """The fp32 gradients of the weight and bias, from fp32 copies of the given values."""
+    weight = weight.detach().float().requires_grad_()
+    bias = bias.detach().float().requires_grad_()
+    F.conv2d(x.detach().float(), weight, bias, padding=KERNEL // 2, groups=CHANNELS).backward(grad_out.float())
+    return weight.grad, bias.grad
+
+
+def test_bf16_weight_gradient_is_the_fp32_one(weight_grad_path):
+    conv, stock = _pair()
+    x = torch.randn(4, CHANNELS, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad_out = torch.randn(4, CHANNELS, 12, 12).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    outputs, grads = [], []
+    for module in (conv, stock):
+        x.grad = None
+        with torch.autocast("cpu", torch.bfloat16):
+            out = module(x)
+        out.backward(grad_out)
+        outputs.append(out)
+        grads.append((x.grad.clone(), module.weight.grad.clone(), module.bias.grad.clone()))
+    assert torch.equal(outputs[0], outputs[1]) and outputs[0].dtype == torch.bfloat16  # same forward
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=0, rtol=0)  # same input gradient
+    # the weight and bias gradients: the fp32 computation on the same bf16 values
+    ref_w, ref_b = _reference_grads(x.to(torch.bfloat16), conv.weight.to(torch.bfloat16), conv.bias, grad_out)
+    torch.testing.assert_close(grads[0][1], ref_w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0][2], ref_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1][1], ref_w, atol=0.1, rtol=0.05)  # the stock bf16 one: close, coarser
+
+
+def test_fp32_channels_last_gradients_match_nn_conv2d(weight_grad_path):
+    conv, stock = _pair()
+    x = torch.randn(3, CHANNELS, 10, 10).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(3, CHANNELS, 10, 10).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for module in (conv, stock):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.backward(grad_out)
+        grads.append((out.detach(), xi.grad, module.weight.grad, module.bias.grad))
+    for ours, theirs in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_kernel_is_used_only_where_it_was_measured_faster(monkeypatch):
+    monkeypatch.setattr(depthwise, "COMPILED_MIN_NUMEL", 1000)
+    monkeypatch.setattr(depthwise, "_compiled_keys", set())
+    x = torch.randn(2, CHANNELS, 8, 8)
+    g = torch.randn(2, CHANNELS, 8, 8)
+    cl = dict(memory_format=torch.channels_last)
+    assert depthwise._use_compiled(x.contiguous(**cl), g.contiguous(**cl), padding=2)  # kernel 5
+    assert not depthwise._use_compiled(x.contiguous(**cl), g.contiguous(**cl), padding=1)  # kernel 3: oneDNN's
+    assert not depthwise._use_compiled(x.contiguous(**cl), g.contiguous(**cl), padding=4)  # kernel 9
+    assert not depthwise._use_compiled(x, g, padding=2)  # NCHW
+    assert not depthwise._use_compiled(x[:1].contiguous(**cl), g[:1].contiguous(**cl), padding=2)  # too small
+
+
+def test_eval_and_frozen_weights_take_nn_conv2d_path():
+    conv, _ = _pair()
+    x = torch.randn(2, CHANNELS, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert conv(x).grad_fn is None
+    conv.weight.requires_grad_(False)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert "ConvolutionBackward" in type(conv(x.requires_grad_()).grad_fn).__name__
+
+
+FALLBACK = """
+import warnings, torch
+import convmixer_pl.depthwise as depthwise
+depthwise.COMPILED_MIN_NUMEL = 0
+conv = depthwise.DepthwiseConv2d(8, 5)
+stock = torch.nn.Conv2d(8, 8, 5, groups=8, padding="same")
+stock.load_state_dict(conv.state_dict())
+x = torch.randn(2, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+grad_out = torch.randn(2, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    conv(x).backward(grad_out)
+stock(x).backward(grad_out)
+torch.testing.assert_close(conv.weight.grad, stock.weight.grad)
+assert depthwise._compiled_fn is False, depthwise._compiled_fn
+print([str(w.message) for w in caught if "depthwise" in str(w.message)][0])
+"""
+
+
+def test_without_a_cxx_compiler_the_gradient_falls_back_to_onednn(tmp_path):
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiling the CPU weight-gradient kernel failed" in done.stdout
+    assert "using oneDNN's" in done.stdout

@@ -1,19 +1,21 @@
 """The depthwise convolution of the ConvMixer blocks, with a faster weight gradient on the CPU.
 
-On the CPU the depthwise weight gradient dominates a ConvMixer training step. For ConvMixer-256/8 (batch 64, 32 px,
-kernel 5) on this project's 2-core machine oneDNN takes 22-34 ms per block for it in fp32 and 65-73 ms in bf16,
-while the forward pass takes 2-4 ms. During training on the CPU this module computes that gradient another way:
+On the CPU the depthwise weight gradient dominates a ConvMixer training step: for ConvMixer-256/8's activations
+(batch 64, 32 px, kernel 5) oneDNN takes about 30 ms per block for it in fp32 and 45-70 ms in bf16 on this
+project's 2-core machine, against 2-4 ms for the forward pass. During training on the CPU this module computes
+that gradient another way:
 
-- bf16: from fp32 copies of the bf16 input and output gradient, because oneDNN's bf16 weight gradient is 2-3x
-  slower than its fp32 one (the same math, accumulated in fp32, so at least as accurate);
+- bf16: from fp32 copies of the bf16 input and output gradient, because oneDNN's bf16 weight gradient is slower
+  than its fp32 one (the same math, accumulated in fp32, so at least as accurate);
 - channels_last, kernel 5, at least `COMPILED_MIN_NUMEL` activations: with a kernel that torch.compile generates
-  from the 25-tap reduction, one pass over both tensors vectorised over channels, in fp32: 8-11 ms instead of
-  22-34. Kernel 3 keeps oneDNN (it has a fast kernel for it: 4 ms) and so do kernels 7 and 9 (the generated
-  kernel was no faster there). Compiling takes a few seconds once per shape; if it fails (no C++ compiler, say),
-  a warning is printed once and oneDNN's gradient is used.
+  from the 25-tap reduction (`_weight_grad_taps`): one pass over both tensors, vectorised over channels,
+  accumulated in fp32; 5-12 ms instead of about 30. Kernel 3 keeps oneDNN (which has a fast kernel for it), and
+  so do kernels 7 and 9 (smaller and less steady gains, and 20-30 s to compile). Compiling takes a few seconds
+  once per shape; if it fails (no C++ compiler, say), a warning is printed once and oneDNN's gradient is used.
 
 Parameters, state_dict, outputs and input gradients are `nn.Conv2d`'s; so is everything on other devices, in
-evaluation, and inside a torch.compile'd model. docs/benchmarks.md has the measurements and the commands.
+evaluation, and inside a torch.compile'd model. docs/benchmarks.md has the measurements and the commands
+(`benchmarks/depthwise_weight_grad.py` per call, `python -m convmixer_pl.benchmark --stock-depthwise` per step).
 """
 
 from __future__ import annotations

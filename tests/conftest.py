@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import convmixer_pl
@@ -61,6 +62,16 @@ def write_cifar(root: Path, dataset: str = "cifar10", per_class: int = 2, seed: 
     else:
         raise ValueError(dataset)
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors in this process: one intra-op thread is fastest, and much faster on a busy machine. Not for
+    tests that compare against `convmixer` subprocesses bit for bit: those run with the machine's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,7 @@ RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name not in ("digit
 TINY_MODEL = ["--model.dim", "8", "--model.depth", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def data_args(config: str, cifar_root: Path, image_folder: Path) -> list[str]:

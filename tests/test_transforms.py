@@ -13,14 +13,7 @@ from convmixer_pl.data import CIFAR_MEAN, CIFAR_STD, CIFARDataModule, DataError,
 from convmixer_pl.module import ConvMixerClassifier
 from convmixer_pl.transforms import batch_mixer, eval_transform, train_transform
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def steps(pipeline: v2.Compose) -> dict[type, v2.Transform]:

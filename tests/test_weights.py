@@ -23,13 +23,7 @@ from convmixer_pl.weights import (
 DIM, DEPTH, K, P, CLASSES = 16, 3, 5, 4, 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class Residual(nn.Module):

@@ -7,12 +7,16 @@ import os
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 import convmixer_pl.depthwise as depthwise
 from convmixer_pl.depthwise import DepthwiseConv2d
+from convmixer_pl.model import ConvMixer
+from convmixer_pl.module import ConvMixerClassifier
 
 CHANNELS, KERNEL = 8, 5
 
@@ -125,3 +129,34 @@ def test_without_a_cxx_compiler_the_gradient_falls_back_to_onednn(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compiling the CPU weight-gradient kernel failed" in done.stdout
     assert "using oneDNN's" in done.stdout
+
+
+def test_convmixer_training_step_uses_the_compiled_kernel_and_keeps_the_gradients(weight_grad_path, monkeypatch):
+    torch.manual_seed(0)
+    model = ConvMixer(dim=16, depth=2, kernel_size=KERNEL, patch_size=2, num_classes=10, image_size=16)
+    model.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+    grads = []
+    for enabled in (True, False):  # ours, then nn.Conv2d's backward
+        monkeypatch.setattr(depthwise, "ENABLED", enabled)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_lightning_bf16_fit_step_runs_through_the_compiled_kernel(monkeypatch):
+    monkeypatch.setattr(depthwise, "COMPILED_MIN_NUMEL", 0)
+    monkeypatch.setattr(depthwise, "_compiled_keys", set())
+    module = ConvMixerClassifier(dim=16, depth=2, kernel_size=KERNEL, patch_size=2, num_classes=10, image_size=16)
+    before = module.model.blocks[0][0].fn[0].weight.detach().clone()
+    data = TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    key = next(iter(depthwise._compiled_keys))
+    assert key[0] == (4, 16, 8, 8) and key[1] == key[2] == torch.bfloat16  # bf16 activations, channels_last
+    assert not torch.equal(module.model.blocks[0][0].fn[0].weight, before)

@@ -98,7 +98,9 @@ class _CPUDepthwise(torch.autograd.Function):
                 [True, False, False])[0]
         if ctx.needs_input_grad[1] or (bias_dtype is not None and ctx.needs_input_grad[2]):
             grad_w, grad_b = _weight_grad(x, grad_out, w, padding, bias_dtype is not None)
-            grad_w = grad_w.to(weight_dtype)
+            # in the weight's own strides (channels_last or not): autograd's gradient layout contract, which DDP's
+            # gradient buckets rely on
+            grad_w = torch.empty_like(w, dtype=weight_dtype).copy_(grad_w)
             grad_b = None if grad_b is None else grad_b.to(bias_dtype)
         return grad_x, grad_w, grad_b, None
 

@@ -61,5 +61,5 @@ class ThroughputCallback(L.Callback):
         seconds = time.perf_counter() - self._start - self._paused
         if seconds > 0:
             rate = self._images * trainer.world_size / seconds
-            pl_module.log("train/images_per_sec", rate, on_step=False, on_epoch=True, prog_bar=True,
-                          rank_zero_only=True)
+            # every process's estimate of the whole run's rate, averaged over the processes
+            pl_module.log("train/images_per_sec", rate, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)

@@ -143,6 +143,8 @@ def test_convmixer_training_step_uses_the_compiled_kernel_and_keeps_the_gradient
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        for name, p in model.named_parameters():  # autograd's layout contract (DDP buckets rely on it)
+            assert p.grad.stride() == p.stride(), name
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)

@@ -180,6 +180,9 @@ def test_fit_shards_data_steps_schedule_and_writes_once(ddp):
     keys = [k for k in ranks[0]["metrics"] if k.startswith(("val/", "train/loss", "train/acc1"))]
     assert {"val/acc1", "val/loss", "train/loss_epoch", "train/acc1"} <= set(keys)
     assert all(ranks[0]["metrics"][k] == ranks[1]["metrics"][k] for k in keys)
+    rates = [rank["metrics"]["train/images_per_sec"] for rank in ranks]  # one figure for the run, synced
+    assert rates[0] == rates[1] > 0
+    assert "sync_dist" not in ddp["fit"].stderr  # no warning that an epoch-level metric is left unsynced
     acc1, loss, _ = _evaluate(ddp["run"] / "last.ckpt", "val")
     assert ranks[0]["metrics"]["val/acc1"] == pytest.approx(acc1, abs=1e-6)
     assert ranks[0]["metrics"]["val/loss"] == pytest.approx(loss, rel=1e-5)

@@ -45,11 +45,15 @@ def _weight_grad_taps(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> 
     return torch.stack(taps, 1).view(-1, 1, k, k), grad_out.sum((0, 2, 3))
 
 
+def _fits_compiled(x: torch.Tensor, kernel_size: int) -> bool:
+    """Whether the compiled kernel is the faster way for this activation (see the module docstring)."""
+    return (_compiled_fn is not False and kernel_size in COMPILED_KERNEL_SIZES and x.numel() >= COMPILED_MIN_NUMEL
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def _use_compiled(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> bool:
-    if _compiled_fn is False or 2 * padding + 1 not in COMPILED_KERNEL_SIZES or x.numel() < COMPILED_MIN_NUMEL:
-        return False
-    if not (x.is_contiguous(memory_format=torch.channels_last)
-            and grad_out.is_contiguous(memory_format=torch.channels_last)):
+    """`_fits_compiled`, for a shape it may compile for: one already compiled, or one of the first few."""
+    if not (_fits_compiled(x, 2 * padding + 1) and grad_out.is_contiguous(memory_format=torch.channels_last)):
         return False
     key = (tuple(x.shape), x.dtype, grad_out.dtype, padding)
     if key not in _compiled_keys and len(_compiled_keys) >= _MAX_COMPILED_SHAPES:
@@ -123,7 +127,6 @@ class DepthwiseConv2d(nn.Conv2d):
             padding = self.kernel_size[0] // 2
             if _cpu_bf16(x):
                 return _CPUDepthwise.apply(x.to(torch.bfloat16), self.weight, self.bias, padding)
-            if (x.dtype == torch.float32 and self.kernel_size[0] in COMPILED_KERNEL_SIZES
-                    and x.numel() >= COMPILED_MIN_NUMEL and x.is_contiguous(memory_format=torch.channels_last)):
+            if x.dtype == torch.float32 and _fits_compiled(x, self.kernel_size[0]):
                 return _CPUDepthwise.apply(x, self.weight, self.bias, padding)
         return super().forward(x)

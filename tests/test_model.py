@@ -49,6 +49,16 @@ def test_create_model_overrides_and_rejects_unknown_names():
         create_model("convmixer_1536_21")
 
 
+def test_reset_classifier_swaps_only_the_head():
+    model = ConvMixer(dim=16, depth=1, kernel_size=3, patch_size=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 8, 8)
+    features = model.forward_features(x)
+    stem = model.stem[0].weight.clone()
+    model.reset_classifier(7)
+    assert model.num_classes == 7 and model.head.out_features == 7 and model(x).shape == (2, 7)
+    assert torch.equal(model.stem[0].weight, stem) and torch.equal(model.forward_features(x), features)
+
+
 @pytest.mark.parametrize(("height", "width"), [(7, 7), (9, 7), (7, 9), (37, 53), (64, 29), (31, 31)])
 def test_variable_input_sizes(height, width):
     model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=7, num_classes=5, image_size=32).eval()

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from convmixer_pl.depthwise import _weight_grad_taps
+from convmixer_pl.depthwise import _weight_grad_taps, onednn_backward
 
 
 def median_ms(fn, *args, calls: int) -> float:
@@ -27,9 +27,7 @@ def median_ms(fn, *args, calls: int) -> float:
 
 
 def onednn_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    channels, k = weight.shape[0], weight.shape[-1]
-    return torch.ops.aten.convolution_backward(grad_out, x, weight, [channels], [1, 1], [k // 2] * 2, [1, 1], False,
-                                               [0, 0], channels, [False, True, True])[1]
+    return onednn_backward(grad_out, x, weight, [False, True, True])[1]
 
 
 def main(argv: list[str] | None = None) -> None:

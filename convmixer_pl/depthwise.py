@@ -45,6 +45,14 @@ def _weight_grad_taps(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> 
     return torch.stack(taps, 1).view(-1, 1, k, k), grad_out.sum((0, 2, 3))
 
 
+def onednn_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, output_mask: list[bool]):
+    """ATen's (on the CPU: oneDNN's) backward of a stride-1 "same" depthwise convolution: (grad_x, grad_w, grad_b),
+    each computed only where `output_mask` says so."""
+    channels, padding = weight.shape[0], weight.shape[-1] // 2
+    return torch.ops.aten.convolution_backward(grad_out, x, weight, [channels], [1, 1], [padding] * 2, [1, 1], False,
+                                               [0, 0], channels, output_mask)
+
+
 def _fits_compiled(x: torch.Tensor, kernel_size: int) -> bool:
     """Whether the compiled kernel is the faster way for this activation (see the module docstring)."""
     return (_compiled_fn is not False and kernel_size in COMPILED_KERNEL_SIZES and x.numel() >= COMPILED_MIN_NUMEL
@@ -62,8 +70,9 @@ def _use_compiled(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> bool
     return True
 
 
-def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, padding: int, with_bias: bool):
+def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, with_bias: bool):
     global _compiled_fn
+    padding = weight.shape[-1] // 2
     if _use_compiled(x, grad_out, padding):
         try:
             if _compiled_fn is None:
@@ -75,38 +84,33 @@ def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, 
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             warnings.warn(f"convmixer_pl.depthwise: compiling the CPU weight-gradient kernel failed ({first_line}); "
                           "using oneDNN's", stacklevel=2)
-    channels = x.shape[1]
-    _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad_out.float(), x.float(), weight.float(), [channels], [1, 1], [padding] * 2, [1, 1], False, [0, 0],
-        channels, [False, True, with_bias])
+    _, grad_w, grad_b = onednn_backward(grad_out.float(), x.float(), weight.float(), [False, True, with_bias])
     return grad_w, grad_b
 
 
 class _CPUDepthwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         w = weight.to(x.dtype)
         ctx.save_for_backward(x, w)
-        ctx.padding, ctx.dtypes = padding, (weight.dtype, None if bias is None else bias.dtype)
-        return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), padding=padding, groups=x.shape[1])
+        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
+        return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), padding=w.shape[-1] // 2,
+                        groups=x.shape[1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, w = ctx.saved_tensors
-        channels, padding = x.shape[1], ctx.padding
         weight_dtype, bias_dtype = ctx.dtypes
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x, w, None, [1, 1], [padding] * 2, [1, 1], False, [0, 0], channels,
-                [True, False, False])[0]
+            grad_x = onednn_backward(grad_out, x, w, [True, False, False])[0]
         if ctx.needs_input_grad[1] or (bias_dtype is not None and ctx.needs_input_grad[2]):
-            grad_w, grad_b = _weight_grad(x, grad_out, w, padding, bias_dtype is not None)
+            grad_w, grad_b = _weight_grad(x, grad_out, w, bias_dtype is not None)
             # in the weight's own strides (channels_last or not): autograd's gradient layout contract, which DDP's
             # gradient buckets rely on
             grad_w = torch.empty_like(w, dtype=weight_dtype).copy_(grad_w)
             grad_b = None if grad_b is None else grad_b.to(bias_dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b
 
 
 def _cpu_bf16(x: torch.Tensor) -> bool:
@@ -124,9 +128,8 @@ class DepthwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (ENABLED and x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
                 and not torch.compiler.is_compiling()):
-            padding = self.kernel_size[0] // 2
             if _cpu_bf16(x):
-                return _CPUDepthwise.apply(x.to(torch.bfloat16), self.weight, self.bias, padding)
+                return _CPUDepthwise.apply(x.to(torch.bfloat16), self.weight, self.bias)
             if x.dtype == torch.float32 and _fits_compiled(x, self.kernel_size[0]):
-                return _CPUDepthwise.apply(x, self.weight, self.bias, padding)
+                return _CPUDepthwise.apply(x, self.weight, self.bias)
         return super().forward(x)

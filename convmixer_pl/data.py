@@ -223,7 +223,8 @@ class CIFARDataModule(ImageDataModule):
 
     `gpu_pipeline: true` holds every split on the training device as uint8 and does the crop, flip, normalization
     and erasing there in batches (`convmixer_pl.gpu_data`): no loader workers, no per-image Python. RandAugment and
-    ColorJitter exist only in the per-image pipeline, so it needs `ra_num_ops: 0` and `color_jitter: 0`.
+    ColorJitter exist only in the per-image pipeline, so it needs `ra_num_ops: 0` and `color_jitter: 0`. Prediction
+    keeps the per-image loader: one pass, whose sample indices Lightning tracks for the prediction writer.
     """
 
     def __init__(
@@ -300,9 +301,9 @@ class CIFARDataModule(ImageDataModule):
         if not 0 <= self.val_size < len(targets):
             raise DataError(f"data.val_size must be in [0, {len(targets)}), got {self.val_size}")
         train_idx, val_idx = _split(len(targets), [len(targets) - self.val_size, self.val_size], self.seed)
-        augment = train_transform(self.image_size, CIFAR_MEAN, CIFAR_STD, self.scale, self.ratio, self.hflip,
+        augment = train_transform(self.image_size, self.mean, self.std, self.scale, self.ratio, self.hflip,
                                   **self.augment)
-        plain = eval_transform(self.image_size, CIFAR_MEAN, CIFAR_STD, interpolation=None)
+        plain = eval_transform(self.image_size, self.mean, self.std)  # at image_size, as the device pipeline does
         self.train_set = TensorImageDataset(images[train_idx], targets[train_idx], augment)
         self.test_set = TensorImageDataset(test_images, test_targets, plain)
         self.val_set = (TensorImageDataset(images[val_idx], targets[val_idx], plain) if self.val_size
@@ -331,8 +332,6 @@ class CIFARDataModule(ImageDataModule):
     def test_dataloader(self):
         return self._device_loader(self.test_set) if self.gpu_pipeline else super().test_dataloader()
 
-    def predict_dataloader(self):
-        return self._device_loader(self.test_set) if self.gpu_pipeline else super().predict_dataloader()
 
 
 def read_image(path: str, mode: str = "RGB") -> Image.Image:

@@ -3,6 +3,7 @@ per-image torchvision pipeline it replaces."""
 
 from __future__ import annotations
 
+import csv
 import math
 
 import lightning as L
@@ -21,6 +22,7 @@ from convmixer_pl.gpu_data import (
     sample_erasing,
 )
 from convmixer_pl.module import ConvMixerClassifier
+from convmixer_pl.predict import PredictionWriter
 
 N = 20000  # draws per statistic: standard errors well below the tolerances used
 
@@ -202,3 +204,29 @@ def test_fit_with_the_gpu_pipeline(cifar_root):
     assert trainer.global_step == 10
     assert trainer.train_dataloader.sampler.epoch == 1  # Lightning advanced the shuffling like a DataLoader's
     assert "val/acc1" in trainer.callback_metrics
+
+
+def test_cifar_evaluates_at_image_size_on_both_pipelines(cifar_root):
+    kwargs = dict(root=str(cifar_root), verify_checksums=False, val_size=20, batch_size=16, num_workers=0,
+                  ra_num_ops=0, color_jitter=0.0, image_size=48)
+    device_dm, cpu_dm = CIFARDataModule(**kwargs, gpu_pipeline=True), CIFARDataModule(**kwargs)
+    device_dm.setup("fit")
+    cpu_dm.setup("fit")
+    cpu_images, _ = next(iter(cpu_dm.val_dataloader()))
+    device_images, _ = next(iter(device_dm.val_dataloader()))
+    assert cpu_images.shape == device_images.shape == (16, 3, 48, 48)  # what training crops to, not CIFAR's 32
+    torch.testing.assert_close(device_images, cpu_images, atol=0.05, rtol=0)  # same bilinear upscale
+
+
+def test_predict_with_the_gpu_pipeline_writes_every_test_image(cifar_root, tmp_path):
+    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_size=20, batch_size=16, num_workers=0,
+                         ra_num_ops=0, color_jitter=0.0, gpu_pipeline=True)
+    model = ConvMixerClassifier(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10, image_size=32)
+    writer = PredictionWriter(output=str(tmp_path / "predictions.csv"), top_k=2)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[writer])
+    trainer.predict(model, datamodule=dm, return_predictions=False)
+    with open(tmp_path / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["index"]) for row in rows] == list(range(len(dm.test_set)))
+    assert [row["target"] for row in rows] == [dm.class_names[int(t)] for t in dm.test_set.targets]

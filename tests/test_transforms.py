@@ -39,8 +39,10 @@ def test_cifar_defaults_are_the_cifar10_script(cifar_root):
     assert list(s[v2.Normalize].mean) == list(CIFAR_MEAN) and list(s[v2.Normalize].std) == list(CIFAR_STD)
     assert s[v2.RandomErasing].p == 0.25 and s[v2.RandomErasing].value == [0.0]
     assert dm.mixer is None
-    # evaluation: the 32 px images as they are
-    assert [type(t) for t in dm.test_set.transform.transforms] == [v2.ToImage, v2.ToDtype, v2.Normalize]
+    # evaluation: the 32 px images as they are (the resize to image_size 32 leaves them untouched), normalised
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    as_they_are = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR_MEAN, CIFAR_STD)])(image)
+    assert torch.equal(dm.test_set.transform(image), as_they_are)
 
 
 def test_configured_parameters_reach_the_pipeline(cifar_root):

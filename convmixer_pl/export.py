@@ -37,7 +37,7 @@ class ExportError(ValueError):
 def load_checkpoint(ckpt_path: str | os.PathLike) -> ConvMixerClassifier:
     """The trained module of a `convmixer fit` checkpoint, on the CPU, in eval mode."""
     read_hparams(ckpt_path)  # a clear error for a missing or foreign file before Lightning's own
-    module = ConvMixerClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    module = ConvMixerClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     return module.eval()
 
 

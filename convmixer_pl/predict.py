@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .data import DataError, ImageDataModule, read_image
+from .reliability import CheckpointError, read_checkpoint
 from .transforms import eval_transform
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -31,11 +32,12 @@ def read_hparams(ckpt_path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise DataError(f"checkpoint {path}: no such file; pass a .ckpt written by `convmixer fit`")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a truncated file, another format, a non-zip pickle...
-        raise DataError(f"{path} is not a checkpoint written by `convmixer fit` ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''})") from err
-    hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
+        state = read_checkpoint(path)
+    except CheckpointError as err:  # a truncated file, another format, a bare state dict...
+        reason = err.__cause__ or "no state_dict entry"
+        raise DataError(f"{path} is not a checkpoint written by `convmixer fit` ({type(reason).__name__}: "
+                        f"{str(reason).splitlines()[0] if str(reason) else ''})") from err
+    hparams = state.get("hyper_parameters")
     if not hparams:
         raise DataError(f"{path} holds no hyper-parameters; pass a .ckpt written by `convmixer fit`")
     return dict(hparams)

@@ -339,6 +339,13 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error_for_evaluation(capsys, 
     error_line(code, err, f"no checkpoint in {tmp_path / 'empty'}/ to {command}")
 
 
+def test_damaged_last_checkpoint_found_for_evaluation_is_one_line(capsys, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.ckpt").write_text("not a checkpoint")
+    code, err = run(capsys, "test", *DIGITS, "--checkpoint.dirpath", tmp_path / "run")
+    error_line(code, err, f"{tmp_path / 'run' / 'last.ckpt'} is not a checkpoint torch can read")
+
+
 def test_ckpt_path_last_without_a_checkpoint_starts_fit_from_scratch(capsys, tmp_path):
     code, err = run(capsys, "fit", *DIGITS, *ONE_STEP, "--ckpt_path", "last", "--checkpoint.dirpath", tmp_path / "r")
     assert code == 0, err[-3000:]

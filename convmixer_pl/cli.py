@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, RichModelSummary
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -22,6 +22,7 @@ from .module import ConvMixerClassifier
 from .plots import PlotWriter
 from .predict import FolderPredictDataModule, PredictionWriter, folder_data_args
 from .reliability import (
+    EpochCheckpoint,
     FaultTolerance,
     TrainingStopped,
     check_compatible,
@@ -62,32 +63,6 @@ def default_loggers(root: str) -> list:
     csv = CSVLogger(root, version=tensorboard.version)
     csv.experiment  # noqa: B018 -- opens the folder while empty: later, CSVLogger warns about files in it
     return [tensorboard, csv]
-
-
-class EpochCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` whose last.ckpt follows every epoch (every validation), improved or not.
-
-    Lightning 2.6 rewrites last.ckpt only when it also writes a top-k file, so after an epoch that does not improve
-    the monitored metric, `--ckpt_path last` would resume from the best epoch and redo the later ones.
-    """
-
-    @property
-    def state_key(self) -> str:  # checkpoints keep a plain ModelCheckpoint's key (best_or_last reads it)
-        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
-
-    def _save_last_if_missed(self, trainer) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips if saved at this step
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class ConvMixerParser(LightningArgumentParser):

@@ -249,6 +249,36 @@ def _alive(pid: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The checkpoint callback of a run
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose last.ckpt follows every epoch (every validation), improved or not.
+
+    Lightning 2.6 rewrites last.ckpt only when it also writes a top-k file, so after an epoch that does not improve
+    the monitored metric, `--ckpt_path last` would resume from the best epoch and redo the later ones.
+    """
+
+    @property
+    def state_key(self) -> str:  # checkpoints keep a plain ModelCheckpoint's key (best_or_last reads it)
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips if saved at this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The callback
 
 
@@ -355,8 +385,12 @@ class FaultTolerance(Callback):
         if self._pending_sums is not None:
             sums, self._pending_sums = self._pending_sums, None
             _merge_result_sums(trainer, sums.get("tensors", {}))
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
-            self._saved_at = (_save_last(trainer), trainer.global_step)
+        step = trainer.global_step
+        # once per optimizer step (under gradient accumulation several batches end at the same step), never at
+        # step 0 (before any update)
+        if (self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0
+                and (self._saved_at is None or self._saved_at[1] != step)):
+            self._saved_at = (_save_last(trainer), step)
         self._stop_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -428,9 +462,16 @@ def _mid_epoch(trainer) -> bool:
     return 0 < done < trainer.num_training_batches
 
 
+def _run_checkpoint(trainer) -> ModelCheckpoint | None:
+    """The run's own checkpoint callback (`checkpoint.*`, whose last.ckpt `--ckpt_path last` reads), not another
+    ModelCheckpoint a user added beside it: Lightning puts those first in `trainer.checkpoint_callbacks`."""
+    callbacks = trainer.checkpoint_callbacks
+    return next((c for c in callbacks if isinstance(c, EpochCheckpoint)), callbacks[0] if callbacks else None)
+
+
 def _last_checkpoint(trainer) -> str | None:
-    callback = trainer.checkpoint_callback
-    if isinstance(callback, ModelCheckpoint):
+    callback = _run_checkpoint(trainer)
+    if callback is not None:
         for path in (callback.last_model_path, callback.best_model_path):
             if path and os.path.isfile(path):
                 return path
@@ -438,8 +479,8 @@ def _last_checkpoint(trainer) -> str | None:
 
 
 def _save_last(trainer) -> str:
-    callback = trainer.checkpoint_callback
-    if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+    callback = _run_checkpoint(trainer)
+    if callback is not None and callback.dirpath:
         path = os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
         callback.last_model_path = path  # part of the saved state: the resumed run keeps writing this file
     else:

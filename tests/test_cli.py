@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from conftest import CONFIGS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from convmixer_pl.cli import EpochCheckpoint, main
+from convmixer_pl.cli import main
 from convmixer_pl.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule
 from convmixer_pl.module import ConvMixerClassifier
+from convmixer_pl.reliability import EpochCheckpoint
 
 # A small model with a high learning rate learns visibly in 8 steps; gpu.yaml exercises the CPU fallback.
 TINY = ["--config", CONFIGS / "digits.yaml", "--trainer", CONFIGS / "trainer" / "gpu.yaml", "--name", "tiny",

@@ -213,6 +213,29 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
     assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt"]  # no epoch-end save of broken weights
 
 
+def test_step_saves_write_the_runs_last_ckpt_once_per_optimizer_step(tmp_path, monkeypatch):
+    saved: list[tuple[Path, int]] = []
+    write = AtomicCheckpointIO.save_checkpoint
+
+    def record(self, checkpoint, path, storage_options=None):  # watches the real writer, which still writes
+        saved.append((Path(path), checkpoint["global_step"]))
+        return write(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
+    run, other = tmp_path / "run", tmp_path / "other"
+    main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.dim", "8", "--model.depth", "1",
+          "--trainer.max_steps", "3", "--trainer.accumulate_grad_batches", "3", "--trainer.limit_val_batches", "0",
+          "--trainer.enable_progress_bar", "false", "--plots.enabled", "false", "--checkpoint.dirpath", str(run),
+          "--reliability.every_n_train_steps", "1",
+          # a user's own ModelCheckpoint, which Lightning puts before the run's: the run's saves stay in run/
+          "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(other),
+          "--trainer.callbacks.save_top_k", "0"])
+    # steps 1-3 once each: not at step 0, not again for the other batches of an accumulation window; then step 3
+    # once more at the epoch's end, with the finished epoch's loop state
+    assert saved == [(run / "last.ckpt", step) for step in (1, 2, 3, 3)]
+    assert not other.exists()
+
+
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
     cli = ConvMixerCLI(args=["fit", "--config", str(CONFIGS / "digits.yaml"),
                              "--model.dim", "8", "--model.depth", "1", "--trainer.max_steps", "1",

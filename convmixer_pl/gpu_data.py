@@ -131,7 +131,7 @@ class BatchAugment:
                  erase_prob: float = 0.0, erase_scale: Sequence[float] = (0.02, 0.33),
                  erase_ratio: Sequence[float] = (0.3, 3.3), erase_value: float | None = 0.0) -> None:
         self.image_size, self.scale, self.ratio, self.hflip = image_size, tuple(scale), tuple(ratio), hflip
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.normalize = Normalize(mean, std)
         self.erase_prob, self.erase_scale, self.erase_ratio = erase_prob, tuple(erase_scale), tuple(erase_ratio)
         self.erase_value = erase_value
 
@@ -140,7 +140,7 @@ class BatchAugment:
         boxes = sample_crops(n, height, width, self.scale, self.ratio, generator)
         flip = torch.rand(n, generator=generator, device=images.device) < self.hflip
         out = resized_crop(images.float() / 255, boxes, self.image_size, flip)
-        out = normalize(out, self.mean, self.std)
+        out = self.normalize(out)
         if self.erase_prob > 0:
             boxes = sample_erasing(n, self.image_size, self.image_size, self.erase_prob, self.erase_scale,
                                    self.erase_ratio, generator)
@@ -148,18 +148,29 @@ class BatchAugment:
         return out
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype)[None, :, None, None]
-    std_t = torch.tensor(std, device=images.device, dtype=images.dtype)[None, :, None, None]
-    return (images - mean_t) / std_t
+class Normalize:
+    """`(images - mean) / std` per channel. The statistics become tensors once per device and dtype: made from
+    Python numbers in every batch, they would be a host-to-device copy, which waits for the queued GPU work."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._tensors: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        key = (images.device, images.dtype)
+        if key not in self._tensors:
+            self._tensors[key] = tuple(torch.tensor(v, device=images.device, dtype=images.dtype)[None, :, None, None]
+                                       for v in (self.mean, self.std))
+        mean, std = self._tensors[key]
+        return (images - mean) / std
 
 
-def to_float(images: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def to_float(images: torch.Tensor, image_size: int, normalize: Normalize) -> torch.Tensor:
     """The evaluation path: uint8 -> float in [0, 1] -> resize when the size differs -> Normalize."""
     out = images.float() / 255
     if out.shape[-1] != image_size or out.shape[-2] != image_size:
         out = F.interpolate(out, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-    return normalize(out, mean, std)
+    return normalize(out)
 
 
 class DeviceLoader:
@@ -181,7 +192,7 @@ class DeviceLoader:
         self.images = images.to(self.device)
         self.targets = targets.to(self.device, torch.long)
         self.batch_size, self.drop_last, self.seed, self.rank = batch_size, drop_last, seed, rank
-        self.mean, self.std, self.augment = tuple(mean), tuple(std), augment
+        self.normalize, self.augment = Normalize(mean, std), augment
         self.image_size = image_size or images.shape[-1]
         if sampler is None:
             sampler = DistributedSampler(range(len(self.targets)), num_replicas=num_replicas, rank=rank,
@@ -214,7 +225,7 @@ class DeviceLoader:
                 self.generator.manual_seed(hash((self.seed, epoch, self.rank, batch)) & 0x7FFF_FFFF_FFFF_FFFF)
                 images = self.augment(images, self.generator)
             else:
-                images = to_float(images, self.image_size, self.mean, self.std)
+                images = to_float(images, self.image_size, self.normalize)
             self._position = (epoch, batch + 1)
             yield images, self.targets.index_select(0, index)
 

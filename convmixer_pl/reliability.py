@@ -35,6 +35,8 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .gpu_data import DeviceLoader
+
 TMP_SUFFIX = ".convmixer-tmp"  # temporary checkpoint files: `.<name>.<pid>.convmixer-tmp` beside the target
 
 
@@ -450,11 +452,12 @@ class FaultTolerance(Callback):
         self._restore_signal_handlers()
 
 
-def _train_loaders(trainer) -> list[ResumableDataLoader]:
+def _train_loaders(trainer) -> list[ResumableDataLoader | DeviceLoader]:
+    """The training loaders whose position a checkpoint keeps: both start lazily, at their first batch."""
     loaders = trainer.train_dataloader
     flat = list(loaders.values()) if isinstance(loaders, dict) else list(loaders) if isinstance(
         loaders, (list, tuple)) else [loaders]
-    return [loader for loader in flat if isinstance(loader, ResumableDataLoader)]
+    return [loader for loader in flat if isinstance(loader, (ResumableDataLoader, DeviceLoader))]
 
 
 def _mid_epoch(trainer) -> bool:

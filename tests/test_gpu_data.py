@@ -16,6 +16,7 @@ from convmixer_pl.data import CIFAR_MEAN, CIFAR_STD, CIFARDataModule, DataError
 from convmixer_pl.gpu_data import (
     BatchAugment,
     DeviceLoader,
+    Normalize,
     erase,
     resized_crop,
     sample_crops,
@@ -230,3 +231,14 @@ def test_predict_with_the_gpu_pipeline_writes_every_test_image(cifar_root, tmp_p
         rows = list(csv.DictReader(f))
     assert [int(row["index"]) for row in rows] == list(range(len(dm.test_set)))
     assert [row["target"] for row in rows] == [dm.class_names[int(t)] for t in dm.test_set.targets]
+
+
+def test_normalize_matches_torchvision_and_builds_its_statistics_once():
+    normalize = Normalize(CIFAR_MEAN, CIFAR_STD)
+    images = torch.rand(4, 3, 8, 8)
+    torch.testing.assert_close(normalize(images), v2.Normalize(CIFAR_MEAN, CIFAR_STD)(images))
+    made = dict(normalize._tensors)
+    normalize(torch.rand(2, 3, 8, 8))
+    assert normalize._tensors.keys() == made.keys() == {(images.device, torch.float32)}
+    assert all(a is b for a, b in zip(normalize._tensors[images.device, torch.float32],
+                                      made[images.device, torch.float32], strict=True))  # no new copy per batch

@@ -125,6 +125,30 @@ def test_resume_matches_the_uninterrupted_run(data, reference, tmp_path, name, w
         assert value == pytest.approx(reference["logged"][key], rel=1e-6, abs=1e-7), (where, key)
 
 
+def test_gpu_pipeline_resumes_mid_epoch_exactly(cifar_root, tmp_path):
+    """CIFAR's device-resident loader (run on the CPU device here) resumes at the same batch with the same draws."""
+    def fit(dirpath: Path, *extra: str) -> ConvMixerCLI:
+        return ConvMixerCLI(args=[
+            "fit", "--seed_everything", "0", "--data", "CIFARDataModule", "--data.root", str(cifar_root),
+            "--data.verify_checksums", "false", "--data.val_size", "20", "--data.batch_size", "16",
+            "--data.gpu_pipeline", "true", "--data.ra_num_ops", "0", "--data.color_jitter", "0",
+            "--data.mixup_alpha", "0.2", "--model.dim", "8", "--model.depth", "1", "--model.kernel_size", "3",
+            "--model.patch_size", "4", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--plots.enabled", "false",
+            "--checkpoint.dirpath", str(dirpath), *extra])
+
+    steps = fit(tmp_path / "steps", "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath",
+                str(tmp_path / "steps"), "--trainer.callbacks.every_n_train_steps", "1",
+                "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.filename", "step{step:03d}",
+                "--trainer.callbacks.auto_insert_metric_name", "false")
+    assert steps.trainer.global_step == 10  # 80 training images, batches of 16, 2 epochs
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "steps" / "step007.ckpt", tmp_path / "resumed" / "last.ckpt")  # epoch 1, batch 2 of 5
+    resumed = fit(tmp_path / "resumed", "--ckpt_path", "last")
+    assert resumed.trainer.global_step == 10
+    assert_same_weights(weights(resumed), weights(steps))
+
+
 def start_fit(data: Path, dirpath: Path, log: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "CONVMIXER_DEBUG"}
     return subprocess.Popen([sys.executable, "-m", "convmixer_pl.cli", *fit_args(data, dirpath, *extra)],

@@ -93,10 +93,14 @@ def _proc_status_kib(key: str) -> int:
 class PeakMemory:
     """Peak memory of a phase above the memory in use when `start()` was called; see the module docstring."""
 
+    @staticmethod
+    def kind_of(device: torch.device) -> str:
+        return "CUDA max_memory_allocated" if device.type == "cuda" else "CPU peak RSS (VmHWM)"
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.base = 0
-        self.kind = "CUDA max_memory_allocated" if device.type == "cuda" else "CPU peak RSS (VmHWM)"
+        self.kind = self.kind_of(device)
         self.available = device.type == "cuda" or self._can_reset_rss()
 
     @staticmethod
@@ -482,7 +486,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     other_cpu = [o for r in results for phase in ("train", "infer") for rnd in getattr(r, f"{phase}_others")
                  for o in rnd if o == o]
 
-    memory = PeakMemory(device)
+    memory_kind = PeakMemory.kind_of(device)
     a = setup.arch
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -500,7 +504,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if device.type == "cpu":
         which = "nn.Conv2d's (--stock-depthwise)" if args.stock_depthwise else "convmixer_pl.depthwise's"
         print(f"depthwise weight gradient of lightning and plain: {which}")
-    print(f"memory: {memory.kind}, peak during the timed steps above the memory in use before the phase (MiB)")
+    print(f"memory: {memory_kind}, peak during the timed steps above the memory in use before the phase (MiB)")
     if other_cpu:
         print(f"other processes kept {statistics.median(other_cpu):.2f} of {os.cpu_count()} CPUs busy per step "
               f"(median; max {max(other_cpu):.2f}); they slow steps down and add noise")
@@ -522,7 +526,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         for top, bottom in (("lightning", "plain"), ("lightning", "official"), ("plain", "official")):
             ours = by_key.get((top, ckpt))
             ref = by_key.get((bottom, False if bottom == "official" else ckpt))
-            if ours is None or ref is None or (ours.runner != "lightning" and bottom != "official"):
+            if ours is None or ref is None:
                 continue
             ratios = []
             for phase, label in (("train", "train"), ("infer", "inference")):
@@ -542,7 +546,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "setup": asdict(setup), "official": asdict(official),
-                       "device": name, "memory": memory.kind, "augmentation_images_per_sec": augmentation,
+                       "device": name, "memory": memory_kind, "augmentation_images_per_sec": augmentation,
                        "quiet_cpus": None if limit == float("inf") else limit,
                        "results": [asdict(r) for r in results]}, f, indent=1)
     return results

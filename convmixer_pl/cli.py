@@ -29,18 +29,13 @@ from .reliability import (
     check_resumable,
     check_writable,
     read_checkpoint,
+    say,
 )
 from .throughput import ThroughputCallback
 
 
 class CLIError(ValueError):
     """A bad command line or config value; the message says which and how to fix it."""
-
-
-def _say(message: str) -> None:
-    # once per job: torchrun sets RANK, srun SLURM_PROCID, Lightning's own launcher LOCAL_RANK and NODE_RANK
-    if all(int(os.environ.get(key, 0)) == 0 for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")):
-        print(f"convmixer: {message}", file=sys.stderr)
 
 
 def best_or_last(dirpath: Path) -> Path | None:
@@ -143,7 +138,7 @@ class ConvMixerCLI(LightningCLI):
             if not config.model.get("pretrained"):
                 raise
             # no checkpoint of this run: evaluate the released weights that model.pretrained names
-            _say(f"{subcommand} uses the weights of model.pretrained {config.model.pretrained}")
+            say(f"{subcommand} uses the weights of model.pretrained {config.model.pretrained}")
         self._check_checkpoint_and_folders(subcommand, config)
         data = config.get("data")
         folder = f"{FolderPredictDataModule.__module__}.{FolderPredictDataModule.__name__}"
@@ -168,7 +163,7 @@ class ConvMixerCLI(LightningCLI):
                       ("dim", "depth", "kernel_size", "patch_size", "act")
                       if key in saved and config.model.get(key) is not None and saved[key] != config.model.get(key)]
             if differ:
-                _say(f"the model is built as {config.ckpt_path} was trained: " + ", ".join(differ))
+                say(f"the model is built as {config.ckpt_path} was trained: " + ", ".join(differ))
         if subcommand == "fit":
             check_writable(config.checkpoint.dirpath, "checkpoint.dirpath")
         if config.trainer.get("logger") is not False:
@@ -208,10 +203,10 @@ class ConvMixerCLI(LightningCLI):
         if ckpt_path in (None, "best", "last"):
             found = (dirpath / "last.ckpt" if ckpt_path == "last" else best_or_last(dirpath))
             if found is not None and found.is_file():
-                _say(f"{subcommand} uses {found}")
+                say(f"{subcommand} uses {found}")
                 return str(found)
             if subcommand == "fit":
-                _say(f"--ckpt_path last: no {dirpath / 'last.ckpt'} yet, so training starts from scratch")
+                say(f"--ckpt_path last: no {dirpath / 'last.ckpt'} yet, so training starts from scratch")
                 return None
             raise CLIError(f"no checkpoint in {dirpath}/ to {subcommand}: train first with `convmixer fit` and the "
                            "same --config/--name, or pass --ckpt_path <file.ckpt>")
@@ -244,7 +239,7 @@ class ConvMixerCLI(LightningCLI):
             changes.append(f"precision {trainer.precision} -> bf16-mixed")
             trainer.precision = "bf16-mixed"
         if changes:
-            _say("no GPU found; falling back: " + ", ".join(changes))
+            say("no GPU found; falling back: " + ", ".join(changes))
 
 
 def _one_line(err: BaseException) -> str:

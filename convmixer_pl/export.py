@@ -65,7 +65,7 @@ def export(ckpt_path: str | os.PathLike, fmt: str = "onnx", output: str | os.Pat
     if fmt == "onnx" and not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript")):
         raise ExportError('ONNX export needs onnx and onnxscript: pip install "convmixer-pl[export]"')
     module = load_checkpoint(ckpt_path)
-    network = module.model.eval()
+    network = module.model  # in eval mode: load_checkpoint
     hparams = dict(module.hparams)
     output = Path(output) if output else Path(ckpt_path).with_suffix(FORMATS[fmt])
     output.parent.mkdir(parents=True, exist_ok=True)

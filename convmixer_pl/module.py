@@ -165,6 +165,9 @@ class ConvMixerClassifier(L.LightningModule):
         if stage == "test":
             self.test_confmat.update(logits, targets)
 
+    def on_test_epoch_start(self) -> None:
+        self.test_confmat.reset()  # a confusion matrix per test run, however many runs this module sees
+
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
 

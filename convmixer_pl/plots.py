@@ -24,6 +24,8 @@ from torch.nn import functional as F
 from torchvision.utils import make_grid, save_image
 
 from .model import ConvMixer
+from .predict import class_names_of
+from .reliability import say
 
 CURVES, CONFUSION, KERNELS, FILTERS = ("training_curves.png", "confusion_matrix.png", "depthwise_kernels.png",
                                        "patch_embeddings.png")
@@ -99,13 +101,13 @@ def plot_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> Path
     from matplotlib.ticker import MaxNLocator
 
     series = read_metrics(metrics_csv)
-    panels = (("loss", ("train/loss_epoch", "train/loss", "val/loss")), ("top-1 accuracy", ("train/acc1", "val/acc1")))
+    panels = (("loss", ("train/loss_epoch", "val/loss")), ("top-1 accuracy", ("train/acc1", "val/acc1")))
     if not any(key in series for _, keys in panels for key in keys):
         raise ValueError(f"{metrics_csv} holds no train/val loss or acc1 by epoch; pass the log of a `convmixer fit`")
     figure = Figure(figsize=(9, 3.4), layout="constrained")
     for ax, (title, keys) in zip(figure.subplots(1, 2), panels, strict=True):
         for key in keys:
-            if key in series and not (key == "train/loss" and "train/loss_epoch" in series):
+            if key in series:
                 epochs, values = zip(*sorted(series[key]), strict=True)
                 ax.plot([e + 1 for e in epochs], values, marker="o", markersize=3,
                         label=key.replace("_epoch", ""))
@@ -149,15 +151,6 @@ def read_confusion_csv(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]
     return torch.tensor([[int(v) for v in row[1:]] for row in rows[1:]]), rows[0][1:]
 
 
-def _class_names(pl_module) -> list[str]:
-    names = pl_module.hparams.get("class_names")
-    return list(names) if names else [str(i) for i in range(pl_module.hparams["num_classes"])]
-
-
-def _say(message: str) -> None:
-    print(f"convmixer: {message}", file=sys.stderr)
-
-
 class PlotWriter(Callback):
     """After `fit`: training curves, depthwise kernels and patch-embedding filters; after `test`: the confusion
     matrix (PNG, and CSV). They go to `<log dir>/plots/` (checkpoints/<name>/lightning_logs/version_N/plots/).
@@ -183,17 +176,13 @@ class PlotWriter(Callback):
         written = save_weight_grids(pl_module.model, out)
         logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
         if logger is None:
-            _say(f"no {CURVES}: it is drawn from the CSV logger's metrics.csv, and no CSVLogger is in use")
+            say(f"no {CURVES}: it is drawn from the CSV logger's metrics.csv, and no CSVLogger is in use")
         elif not has_matplotlib():
-            _say(f"no {CURVES}: {MATPLOTLIB_MISSING}")
+            say(f"no {CURVES}: {MATPLOTLIB_MISSING}")
         else:
             logger.save()
             written.append(plot_curves(logger.experiment.metrics_file_path, out / CURVES))
-        _say(f"plots written to {out}/: {', '.join(path.name for path in written)}")
-
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
-        if hasattr(pl_module, "test_confmat"):
-            pl_module.test_confmat.reset()
+        say(f"plots written to {out}/: {', '.join(path.name for path in written)}")
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         if not self.enabled or not hasattr(pl_module, "test_confmat"):
@@ -203,13 +192,13 @@ class PlotWriter(Callback):
         if not trainer.is_global_zero:
             return
         out.mkdir(parents=True, exist_ok=True)
-        names = _class_names(pl_module)
+        names = class_names_of(pl_module.hparams)
         save_confusion_csv(confmat, names, out / "confusion_matrix.csv")
         if has_matplotlib():
             plot_confusion_matrix(confmat, names, out / CONFUSION)
-            _say(f"plots written to {out}/: {CONFUSION}, confusion_matrix.csv")
+            say(f"plots written to {out}/: {CONFUSION}, confusion_matrix.csv")
         else:
-            _say(f"no {CONFUSION}: {MATPLOTLIB_MISSING}; the counts are in {out / 'confusion_matrix.csv'}")
+            say(f"no {CONFUSION}: {MATPLOTLIB_MISSING}; the counts are in {out / 'confusion_matrix.csv'}")
 
 
 def _newest(paths, accept=lambda path: True) -> Path | None:
@@ -251,14 +240,14 @@ def _make_all(ckpt_path: Path, log_dir: Path | None, out: Path) -> list[Path]:
     for name, source, hint in ((CURVES, metrics, "run `convmixer fit` with the CSV logger (the default)"),
                                (CONFUSION, confusion, "run `convmixer test` first")):
         if source is None:
-            _say(f"no {name}: nothing to draw it from under {log_dir}/; {hint}")
+            say(f"no {name}: nothing to draw it from under {log_dir}/; {hint}")
         elif not has_matplotlib():
-            _say(f"no {name}: {MATPLOTLIB_MISSING}")
+            say(f"no {name}: {MATPLOTLIB_MISSING}")
         elif name == CURVES:
             written.append(plot_curves(source, out / CURVES))
         else:
             written.append(plot_confusion_matrix(*read_confusion_csv(source), out / CONFUSION))
-    _say(f"plots written to {out}/: {', '.join(path.name for path in written)}")
+    say(f"plots written to {out}/: {', '.join(path.name for path in written)}")
     return written
 
 

@@ -103,8 +103,7 @@ class FolderPredictDataModule(ImageDataModule):
         if ckpt_path is None:
             raise DataError("data.ckpt_path is needed: image size, channels and normalisation come from the "
                             "checkpoint (convmixer predict fills it from --ckpt_path)")
-        self.ckpt_path = ckpt_path
-        self.checkpoint_hparams = hp = read_hparams(ckpt_path)
+        hp = read_hparams(ckpt_path)
         self.num_classes, self.in_chans, self.image_size = hp["num_classes"], hp["in_chans"], hp["image_size"]
         self.class_names = class_names_of(hp)
         self.transform = predict_transform(hp, ckpt_path)
@@ -173,7 +172,7 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         if trainer.predict_loop.num_dataloaders > 1:
             predictions, batch_indices = predictions[0], batch_indices[:1]  # the data modules here have one
-        probs = torch.cat([p.float().cpu() for p in predictions]) if predictions else torch.empty(0, 1)
+        probs = torch.cat([p.float() for p in predictions]) if predictions else torch.empty(0, 1)  # on the CPU
         indices = [i for batch in (batch_indices[0] if batch_indices else []) for i in batch]
         if len(indices) != len(probs):  # a loader without Lightning's index tracking: only one process runs it
             indices = list(range(len(probs)))
@@ -198,8 +197,8 @@ class PredictionWriter(BasePredictionWriter):
         paths = getattr(dataset, "paths", None) or [path for path, _ in getattr(dataset, "samples", [])] or None
         targets = getattr(dataset, "targets", None)
         k = min(self.top_k, len(names))
-        header = ["index"] + (["path"] if paths else []) + (["target"] if targets is not None else [])
-        header += [f"{field}{j}" for j in range(1, k + 1) for field in ("class", "prob")]
+        fixed = ["index"] + (["path"] if paths else []) + (["target"] if targets is not None else [])
+        header = fixed + [f"{field}{j}" for j in range(1, k + 1) for field in ("class", "prob")]
         records = []
         for index in sorted(rows):
             value, cls = rows[index]
@@ -217,8 +216,8 @@ class PredictionWriter(BasePredictionWriter):
             writer = csv.writer(handle)
             writer.writerow(header)
             for record in records:
-                fixed = [record[key] for key in header[:len(header) - 2 * k]]
-                writer.writerow(fixed + [x for top in record["top_k"] for x in (top["class"], f"{top['prob']:.6f}")])
+                writer.writerow([record[key] for key in fixed]
+                                + [x for top in record["top_k"] for x in (top["class"], f"{top['prob']:.6f}")])
         print(f"convmixer: {len(records)} predictions written to {output}", file=sys.stderr)
         if self.json:
             json_path = output.with_suffix(".json")

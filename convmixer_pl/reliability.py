@@ -95,8 +95,16 @@ def _all_ranks(obj: Any) -> list[Any]:
     return [obj]
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def say(message: str) -> None:
+    """One `convmixer: <message>` line on stderr, from the job's first process only: its rank is torch.distributed's
+    once that is up, before that the launchers' variables (torchrun RANK, srun SLURM_PROCID, Lightning's own
+    LOCAL_RANK and NODE_RANK)."""
+    if dist.is_available() and dist.is_initialized():
+        first = dist.get_rank() == 0
+    else:
+        first = all(int(os.environ.get(key, 0)) == 0 for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+    if first:
+        print(f"convmixer: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,7 +172,7 @@ class ResumableDataLoader(DataLoader):
         if not state or not self._resumable():
             return
         if state.get("batch_size") != self.batch_size or state.get("seed") != self.sampler.seed:
-            _say(f"the checkpoint was trained with data.batch_size {state.get('batch_size')} and data.seed "
+            say(f"the checkpoint was trained with data.batch_size {state.get('batch_size')} and data.seed "
                  f"{state.get('seed')}, this run uses {self.batch_size} and {self.sampler.seed}: the data order "
                  "differs from an uninterrupted run")
         self._resume = (state["epoch"], state["batches"])
@@ -284,11 +292,6 @@ class EpochCheckpoint(ModelCheckpoint):
 # The callback
 
 
-def _say(message: str) -> None:
-    if _rank() == 0:
-        print(f"convmixer: {message}", file=sys.stderr, flush=True)
-
-
 class FaultTolerance(Callback):
     """Exact resume (RNG states, epoch-metric sums), step-interval saves, preemption-safe stops, non-finite guard.
 
@@ -324,7 +327,7 @@ class FaultTolerance(Callback):
         if trainer.is_global_zero:  # the checkpoint callbacks know their folders by now
             for callback in trainer.checkpoint_callbacks:
                 for leftover in remove_stale_temporaries(getattr(callback, "dirpath", None)):
-                    _say(f"removed {leftover}, a partial checkpoint left by a killed run")
+                    say(f"removed {leftover}, a partial checkpoint left by a killed run")
 
     # -- checkpoint state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -346,7 +349,7 @@ class FaultTolerance(Callback):
             loaded, self._loaded = self._loaded, None
             rank, ranks = trainer.global_rank, loaded.get("rng", [])
             if ranks and len(ranks) != trainer.world_size:
-                _say(f"the checkpoint comes from {len(ranks)} processes, this run has {trainer.world_size}: "
+                say(f"the checkpoint comes from {len(ranks)} processes, this run has {trainer.world_size}: "
                      "random streams restart from rank 0's and the run will not repeat the original exactly")
             if ranks:
                 set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
@@ -425,7 +428,7 @@ class FaultTolerance(Callback):
 
     def _on_signal(self, signum: int, frame) -> None:
         self._signal = signum
-        _say(f"got {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+        say(f"got {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
              "(send it again to stop without saving)")
         signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
 

@@ -1,4 +1,4 @@
-"""Released ConvMixer weights: read official or timm files into our model, and convert between the layouts.
+"""Released ConvMixer weights: read official or timm files into our model.
 
 Layouts (see `model.py`): *official* is the paper's flat `nn.Sequential` (`0.*` patch conv, `2.*` its BatchNorm,
 `{i+3}.*` block i, `{depth+5}.*` the head); *timm* is `stem.*`, `blocks.{i}.*`, `head.*`, which is also ours.
@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from .model import ConvMixer
+from .reliability import say
 
 _WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -28,11 +27,6 @@ _OFFICIAL_KEY = re.compile(r"^(\d+)\.(.+)$")
 
 class WeightsError(ValueError):
     """A weights file that cannot be read or does not fit the model; the message names the file and keys."""
-
-
-@rank_zero_only
-def _tell(message: str) -> None:
-    print(f"convmixer: {message}", file=sys.stderr)
 
 
 def unwrap(checkpoint: Mapping, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -86,21 +80,6 @@ def official_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
             out[f"head.{rest}"] = value
         else:  # pooling and flatten hold no tensors
             raise WeightsError(f"official key {key!r} has no place in a depth-{depth} ConvMixer")
-    return out
-
-
-def timm_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
-    out = {}
-    for key, value in state_dict.items():
-        part, rest = key.split(".", 1)
-        if part == "stem":
-            out[rest] = value  # stem.0.* -> 0.*, stem.2.* -> 2.*
-        elif part == "blocks":
-            i, rest = rest.split(".", 1)
-            out[f"{int(i) + 3}.{rest}"] = value
-        else:
-            out[f"{depth + 5}.{rest}"] = value
     return out
 
 
@@ -192,14 +171,9 @@ def load_pretrained(model: ConvMixer, path: str | Path) -> None:
     head = state.get("head.weight")
     if load_into(model, state, f"model.pretrained {path}"):
         found = "no head" if head is None else f"a {head.shape[0]}-class head"
-        _tell(f"model.pretrained {path}: the file has {found}, the model {model.num_classes} classes: "
+        say(f"model.pretrained {path}: the file has {found}, the model {model.num_classes} classes: "
               "the head is re-initialised")
     uses_relu = isinstance(model.stem[1], nn.ReLU)
     if "relu" in Path(path).name.lower() and not uses_relu:
-        _tell(f"model.pretrained {path}: the file name says ReLU but model.act is gelu; "
+        say(f"model.pretrained {path}: the file name says ReLU but model.act is gelu; "
               "set model.act: relu for this file (the 768/32 release uses ReLU)")
-
-
-def save_official(model: ConvMixer, path: str | Path) -> None:
-    """Write `model`'s weights in the official flat layout (loadable by the paper's `convmixer.py`)."""
-    torch.save(timm_to_official(model.state_dict()), path)

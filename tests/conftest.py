@@ -64,6 +64,22 @@ def write_cifar(root: Path, dataset: str = "cifar10", per_class: int = 2, seed: 
     return folder
 
 
+def timm_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (timm's) keys -> the official release's flat nn.Sequential keys: writes files in that layout."""
+    depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
+    out = {}
+    for key, value in state_dict.items():
+        part, rest = key.split(".", 1)
+        if part == "stem":
+            out[rest] = value  # stem.0.* -> 0.*, stem.2.* -> 2.*
+        elif part == "blocks":
+            i, rest = rest.split(".", 1)
+            out[f"{int(i) + 3}.{rest}"] = value
+        else:
+            out[f"{depth + 5}.{rest}"] = value
+    return out
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors in this process: one intra-op thread is fastest, and much faster on a busy machine. Not for

@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import timm_to_official
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from torch import nn
 from torchvision.transforms import v2
@@ -15,7 +16,6 @@ from torchvision.transforms import v2
 from convmixer_pl.cli import ConvMixerCLI, main
 from convmixer_pl.data import DigitsDataModule
 from convmixer_pl.module import ConvMixerClassifier
-from convmixer_pl.weights import timm_to_official
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -269,10 +269,10 @@ def main(args=None) -> None:
     except TrainingStopped as err:  # a signal or a non-finite loss: the message says what was saved
         if os.environ.get("CONVMIXER_DEBUG"):
             raise
-        print(f"convmixer: {err}", file=sys.stderr)
+        say(str(err))  # decided by all processes together, so once for the job
         sys.exit(err.exit_code)
     except SIGTERMException:  # Lightning's own stop: SIGTERM before training began, or a second one
-        print("convmixer: stopped by SIGTERM without saving a checkpoint", file=sys.stderr)
+        say("stopped by SIGTERM without saving a checkpoint")
         sys.exit(128 + signal.SIGTERM)
     except (ValueError, MisconfigurationException) as err:
         if os.environ.get("CONVMIXER_DEBUG"):

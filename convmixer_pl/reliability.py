@@ -316,6 +316,7 @@ class FaultTolerance(Callback):
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._saved_at: tuple[str, int] | None = None  # (last.ckpt, step) of this callback's latest save
+        self._signalled: bool | None = None  # whether any process got a signal, as of this step's loss check
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -373,9 +374,9 @@ class FaultTolerance(Callback):
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if not self.check_finite:
             return
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        # one collective for both questions of the step: a bad loss anywhere, a signal anywhere
+        bad, self._signalled = _on_any_rank(trainer, not bool(torch.isfinite(loss.detach()).all()),
+                                            self._signal is not None)
         if bad:
             value = loss.detach().float().cpu().item()
             last = _last_checkpoint(trainer)
@@ -396,7 +397,8 @@ class FaultTolerance(Callback):
         if (self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0
                 and (self._saved_at is None or self._saved_at[1] != step)):
             self._saved_at = (_save_last(trainer), step)
-        self._stop_if_signalled(trainer)
+        signalled, self._signalled = self._signalled, None
+        self._stop_if_signalled(trainer, signalled)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop_if_signalled(trainer)
@@ -404,8 +406,13 @@ class FaultTolerance(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if not self.check_finite:
             return
-        for name, tensor in checkpoint.get("state_dict", {}).items():
-            if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        floats = {name: t for name, t in checkpoint.get("state_dict", {}).items()
+                  if torch.is_tensor(t) and t.is_floating_point()}
+        finite = [torch.isfinite(t).all() for t in floats.values()]
+        if not finite or bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):
+            return  # one host sync for the whole state dict
+        for name, tensor in floats.items():
+            if not bool(torch.isfinite(tensor).all()):
                 last = _last_checkpoint(trainer)
                 kept = f"the last checkpoint, {last}, is untouched" if last else "no checkpoint was written"
                 raise NonFiniteLoss(
@@ -432,12 +439,11 @@ class FaultTolerance(Callback):
              "(send it again to stop without saving)")
         signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
 
-    def _stop_if_signalled(self, trainer) -> None:
+    def _stop_if_signalled(self, trainer, signalled: bool | None = None) -> None:
+        """Stop if any process got a signal; `signalled` is that answer when this step's check already has it."""
         if not self.handle_signals:
             return
-        stop = self._signal is not None
-        if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        stop = signalled if signalled is not None else _on_any_rank(trainer, self._signal is not None)[0]
         if not stop:
             return
         signum = self._signal or signal.SIGTERM
@@ -453,6 +459,14 @@ class FaultTolerance(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_signal_handlers()
+
+
+def _on_any_rank(trainer, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any process: one all-reduce for all of them under DDP."""
+    if trainer.world_size == 1:
+        return list(flags)
+    counts = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
+    return [bool(count) for count in trainer.strategy.reduce(counts, reduce_op="sum").tolist()]
 
 
 def _train_loaders(trainer) -> list[ResumableDataLoader | DeviceLoader]:

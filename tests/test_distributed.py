@@ -306,3 +306,12 @@ def test_gpu_only_configs_without_gpu(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     assert "convmixer: error: The strategy `fsdp` requires a GPU accelerator" in capsys.readouterr().err
 
+
+
+def test_non_finite_loss_stops_every_process_with_one_message(tmp_path):
+    """The loss check and the signal check share one all-reduce per step: both processes agree and stop."""
+    result = _finish(_launch("fit", *SMALL, "--name", "nan", "--model.lr", "1e30", "--model.scheduler", "constant",
+                             "--trainer.gradient_clip_val", "null", "--trainer.max_epochs", "1", cwd=tmp_path),
+                     timeout=240)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("convmixer: error: the training loss is") == 1, result.stderr[-3000:]

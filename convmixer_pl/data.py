@@ -343,7 +343,8 @@ def read_image(path: str, mode: str = "RGB") -> Image.Image:
     """
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)  # camera JPEGs: upright as displayed
+            image.load()  # decoded while the file is open: the image outlives the `with`
+            ImageOps.exif_transpose(image, in_place=True)  # camera JPEGs: upright as displayed; no copy
             if image.mode.startswith("I"):
                 values = np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8
                 return Image.fromarray(values.astype(np.uint8)).convert(mode)
@@ -351,7 +352,7 @@ def read_image(path: str, mode: str = "RGB") -> Image.Image:
                 return Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8)).convert(mode)
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # what PIL asks for before dropping a palette's transparency
-            return image.convert(mode)
+            return image if image.mode == mode else image.convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path} ({err}); replace or delete it (in an image folder, "
                         "data.bad_images: skip leaves unreadable files out)") from err

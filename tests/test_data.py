@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CIFAR10_CLASSES, write_image_folder
+from PIL import Image
 from sklearn.datasets import load_digits
 
 from convmixer_pl.data import (
@@ -18,6 +19,7 @@ from convmixer_pl.data import (
     DataError,
     DigitsDataModule,
     ImageFolderDataModule,
+    read_image,
 )
 
 LOADER = dict(num_workers=0, pin_memory=False, persistent_workers=False)
@@ -217,3 +219,16 @@ def test_digits_batches():
 def test_digits_bad_settings(kwargs):
     with pytest.raises(DataError):
         DigitsDataModule(**kwargs)
+
+
+def test_read_image_turns_camera_photos_upright(tmp_path):
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = 255  # white left half, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF Orientation: displayed turned 90 degrees clockwise
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    image = read_image(str(tmp_path / "photo.jpg"))
+    assert image.size == (20, 40) and image.mode == "RGB"  # width and height swapped: upright
+    shown = np.asarray(image).mean(axis=(1, 2))
+    assert shown[:20].mean() > 200 and shown[20:].mean() < 50  # the stored left half is now the top
+    assert read_image(str(tmp_path / "photo.jpg"), mode="L").mode == "L"

@@ -34,18 +34,27 @@ def _first_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return valid.int().argmax(dim=-1), valid.any(dim=-1)
 
 
+def _tries(n: int, area: int, scale: Sequence[float], ratio: Sequence[float], generator: torch.Generator,
+           tries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's tries at a box, drawn for all images at once: (n, tries) of round(sqrt(target area * aspect))
+    and round(sqrt(target area / aspect)), the area drawn first, then the log-uniform aspect."""
+    target = area * _uniform((n, tries), scale[0], scale[1], generator)
+    aspect = torch.exp(_uniform((n, tries), math.log(ratio[0]), math.log(ratio[1]), generator))
+    return torch.round(torch.sqrt(target * aspect)).long(), torch.round(torch.sqrt(target / aspect)).long()
+
+
+def _first_fit(valid: torch.Tensor, h: torch.Tensor, w: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image, the sides of the first try that `valid` accepts, and whether there was one."""
+    first, found = _first_valid(valid)
+    return h.gather(1, first[:, None]).squeeze(1), w.gather(1, first[:, None]).squeeze(1), found
+
+
 def sample_crops(n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
                  generator: torch.Generator, tries: int = 10) -> torch.Tensor:
     """`v2.RandomResizedCrop`'s boxes for `n` images: a (n, 4) long tensor of top, left, height, width."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    target = area * _uniform((n, tries), scale[0], scale[1], generator)
-    aspect = torch.exp(_uniform((n, tries), log_ratio[0], log_ratio[1], generator))
-    w = torch.round(torch.sqrt(target * aspect)).long()
-    h = torch.round(torch.sqrt(target / aspect)).long()
-    first, found = _first_valid((w > 0) & (w <= width) & (h > 0) & (h <= height))
-    h = h.gather(1, first[:, None]).squeeze(1)
-    w = w.gather(1, first[:, None]).squeeze(1)
+    w, h = _tries(n, height * width, scale, ratio, generator, tries)  # torchvision: w from * aspect
+    h, w, found = _first_fit((w > 0) & (w <= width) & (h > 0) & (h <= height), h, w)
     # no try fitted: torchvision's central crop, clamped to the ratio range
     in_ratio = width / height
     if in_ratio < min(ratio):
@@ -87,15 +96,8 @@ def sample_erasing(n: int, height: int, width: int, p: float, scale: Sequence[fl
                    generator: torch.Generator, tries: int = 10) -> torch.Tensor:
     """`v2.RandomErasing`'s boxes for `n` images: (n, 4) top, left, height, width; height 0 means not erased."""
     apply = torch.rand(n, generator=generator, device=generator.device) < p
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    target = area * _uniform((n, tries), scale[0], scale[1], generator)
-    aspect = torch.exp(_uniform((n, tries), log_ratio[0], log_ratio[1], generator))
-    h = torch.round(torch.sqrt(target * aspect)).long()  # torchvision: h from * aspect, w from / aspect
-    w = torch.round(torch.sqrt(target / aspect)).long()
-    first, found = _first_valid((h < height) & (w < width))
-    h = h.gather(1, first[:, None]).squeeze(1)
-    w = w.gather(1, first[:, None]).squeeze(1)
+    h, w = _tries(n, height * width, scale, ratio, generator, tries)  # torchvision: h from * aspect here
+    h, w, found = _first_fit((h < height) & (w < width), h, w)
     erase = apply & found  # no try fitted: the image is left as it is, as in torchvision
     top = _randint_below(height - h + 1, generator)
     left = _randint_below(width - w + 1, generator)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from .gpu_data import BatchAugment, DeviceLoader
+from .gpu_data import BatchAugment, BatchEval, DeviceLoader
 from .reliability import ResumableDataLoader, ResumableSampler
 from .transforms import EraseMode, TrainInterpolation, batch_mixer, eval_transform, train_transform
 
@@ -313,13 +313,14 @@ class CIFARDataModule(ImageDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        augment = None
         if train:
-            augment = BatchAugment(self.image_size, self.mean, self.std, self.scale, self.ratio, self.hflip,
-                                   erase_prob=self.augment["re_prob"],
-                                   erase_value=None if self.augment["re_mode"] == "pixel" else 0.0)
-        return DeviceLoader(dataset.images, dataset.targets, self.batch_size, device, self.mean, self.std,
-                            self.image_size, augment, shuffle=train, drop_last=train and len(dataset) > self.batch_size,
+            transform = BatchAugment(self.image_size, self.mean, self.std, self.scale, self.ratio, self.hflip,
+                                     erase_prob=self.augment["re_prob"],
+                                     erase_value=None if self.augment["re_mode"] == "pixel" else 0.0)
+        else:
+            transform = BatchEval(self.image_size, self.mean, self.std)
+        return DeviceLoader(dataset.images, dataset.targets, self.batch_size, device, transform,
+                            shuffle=train, drop_last=train and len(dataset) > self.batch_size,
                             seed=self.seed, num_replicas=replicas, rank=rank,
                             sampler=None if train else self._eval_sampler(dataset))
 

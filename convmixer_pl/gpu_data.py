@@ -167,12 +167,19 @@ class Normalize:
         return (images - mean) / std
 
 
-def to_float(images: torch.Tensor, image_size: int, normalize: Normalize) -> torch.Tensor:
-    """The evaluation path: uint8 -> float in [0, 1] -> resize when the size differs -> Normalize."""
-    out = images.float() / 255
-    if out.shape[-1] != image_size or out.shape[-2] != image_size:
-        out = F.interpolate(out, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-    return normalize(out)
+class BatchEval:
+    """The evaluation counterpart of `BatchAugment`: uint8 -> float in [0, 1] -> resize to `image_size` when the
+    size differs (bilinear, antialiased, as `eval_transform`) -> Normalize. Draws nothing from `generator`."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.image_size, self.normalize = image_size, Normalize(mean, std)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        out = images.float() / 255
+        if out.shape[-2:] != (self.image_size, self.image_size):
+            out = F.interpolate(out, size=(self.image_size,) * 2, mode="bilinear", align_corners=False,
+                                antialias=True)
+        return self.normalize(out)
 
 
 class DeviceLoader:
@@ -185,8 +192,7 @@ class DeviceLoader:
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, device: torch.device | str,
-                 mean: Sequence[float], std: Sequence[float], image_size: int | None = None,
-                 augment: BatchAugment | None = None, shuffle: bool = False, drop_last: bool = False,
+                 transform: BatchAugment | BatchEval, shuffle: bool = False, drop_last: bool = False,
                  seed: int = 0, num_replicas: int = 1, rank: int = 0, sampler: Sampler | None = None) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"DeviceLoader needs uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -194,8 +200,7 @@ class DeviceLoader:
         self.images = images.to(self.device)
         self.targets = targets.to(self.device, torch.long)
         self.batch_size, self.drop_last, self.seed, self.rank = batch_size, drop_last, seed, rank
-        self.normalize, self.augment = Normalize(mean, std), augment
-        self.image_size = image_size or images.shape[-1]
+        self.transform = transform
         if sampler is None:
             sampler = DistributedSampler(range(len(self.targets)), num_replicas=num_replicas, rank=rank,
                                          shuffle=shuffle, seed=seed)
@@ -222,12 +227,9 @@ class DeviceLoader:
         for batch in range(skip, len(self)):
             index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
             images = self.images.index_select(0, index)
-            if self.augment is not None:
-                # seeded per batch, so a resumed epoch draws what an uninterrupted one would have
-                self.generator.manual_seed(hash((self.seed, epoch, self.rank, batch)) & 0x7FFF_FFFF_FFFF_FFFF)
-                images = self.augment(images, self.generator)
-            else:
-                images = to_float(images, self.image_size, self.normalize)
+            # seeded per batch, so a resumed epoch draws what an uninterrupted one would have
+            self.generator.manual_seed(hash((self.seed, epoch, self.rank, batch)) & 0x7FFF_FFFF_FFFF_FFFF)
+            images = self.transform(images, self.generator)
             self._position = (epoch, batch + 1)
             yield images, self.targets.index_select(0, index)
 

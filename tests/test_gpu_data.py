@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 from convmixer_pl.data import CIFAR_MEAN, CIFAR_STD, CIFARDataModule, DataError
 from convmixer_pl.gpu_data import (
     BatchAugment,
+    BatchEval,
     DeviceLoader,
     Normalize,
     erase,
@@ -131,27 +132,28 @@ def test_batch_augment_shape_dtype_normalization_and_flips():
 def test_device_loader_epochs_and_shards():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 4, 4).contiguous()
     targets = torch.arange(10)
-    loader = DeviceLoader(images, targets, 4, "cpu", (0.0,) * 3, (1 / 255,) * 3)  # pixel value = index
+    loader = DeviceLoader(images, targets, 4, "cpu", BatchEval(4, (0.0,) * 3, (1 / 255,) * 3))  # pixel value = index
     assert len(loader) == 3
     batches = list(loader)
     assert [len(t) for _, t in batches] == [4, 4, 2]
     assert torch.equal(torch.cat([t for _, t in batches]), targets)
     assert torch.equal(batches[0][0][:, 0, 0, 0], torch.arange(4.0))  # images travel with their targets
-    train = DeviceLoader(images, targets, 4, "cpu", (0.0,) * 3, (1.0,) * 3, shuffle=True, drop_last=True, seed=3)
+    train = DeviceLoader(images, targets, 4, "cpu", BatchEval(4, (0.0,) * 3, (1.0,) * 3), shuffle=True, drop_last=True,
+                         seed=3)
     assert len(train) == 2
     first = torch.cat([t for _, t in train])
     again = torch.cat([t for _, t in train])
     train.sampler.set_epoch(1)
     other = torch.cat([t for _, t in train])
     assert torch.equal(first, again) and not torch.equal(first, other) and len(set(first.tolist())) == 8
-    shards = [torch.cat([t for _, t in DeviceLoader(images, targets, 5, "cpu", (0.0,) * 3, (1.0,) * 3, shuffle=True,
-                                                    num_replicas=2, rank=r)]) for r in (0, 1)]
+    shards = [torch.cat([t for _, t in DeviceLoader(images, targets, 5, "cpu", BatchEval(4, (0.0,) * 3, (1.0,) * 3),
+                                                    shuffle=True, num_replicas=2, rank=r)]) for r in (0, 1)]
     assert sorted(torch.cat(shards).tolist()) == list(range(10))
 
 
 def test_device_loader_resumes_mid_epoch_with_the_same_batches():
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
-    make = lambda: DeviceLoader(images, torch.arange(40), 8, "cpu", CIFAR_MEAN, CIFAR_STD, augment=BatchAugment(  # noqa: E731
+    make = lambda: DeviceLoader(images, torch.arange(40), 8, "cpu", BatchAugment(  # noqa: E731
         8, CIFAR_MEAN, CIFAR_STD, scale=(0.5, 1.0), erase_prob=0.5), shuffle=True, drop_last=True, seed=1)
     loader = make()
     loader.sampler.set_epoch(2)

@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -597,6 +598,19 @@ def check_resumable(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None
                               "model.pretrained and start a new fit")
 
 
+def state_dict_mismatch(saved: Mapping[str, Any], wanted: Mapping[str, Any], n: int = 6) -> str:
+    """What keeps `saved` from loading strictly where `wanted` is the state dict: missing and unexpected keys and
+    wrong shapes (saved vs wanted), at most `n` of each, in state-dict order; "" when it fits."""
+    def short(items: list[str]) -> str:
+        return "[" + ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "") + "]"
+
+    missing, unexpected = [k for k in wanted if k not in saved], [k for k in saved if k not in wanted]
+    wrong = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in wanted.items()
+             if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    return "; ".join(f"{label} {short(items)}" for label, items in
+                     (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items)
+
+
 def check_compatible(path: str | os.PathLike, checkpoint: dict[str, Any], model: torch.nn.Module) -> None:
     """Raise a CheckpointError naming the difference if `checkpoint` cannot load into `model` strictly."""
     saved, wanted = checkpoint["state_dict"], model.state_dict()
@@ -609,17 +623,8 @@ def check_compatible(path: str | os.PathLike, checkpoint: dict[str, Any], model:
     if stem in saved and saved[stem].shape[1] != wanted[stem].shape[1]:
         raise CheckpointError(f"--ckpt_path {path} expects {saved[stem].shape[1]}-channel images but the data has "
                               f"{wanted[stem].shape[1]}; use the data set it was trained on")
-    missing = [k for k in wanted if k not in saved]
-    unexpected = [k for k in saved if k not in wanted]
-    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in wanted.items()
-              if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        details = "; ".join(filter(None, [
-            f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}" if unexpected else "",
-            f"shape (checkpoint vs model) {', '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}" if shapes
-            else "",
-        ]))
+    details = state_dict_mismatch(saved, wanted)
+    if details:
         raise CheckpointError(f"--ckpt_path {path} holds a different architecture than the model ({details}); pass "
                               "a checkpoint of this model or drop the model options that differ")
 

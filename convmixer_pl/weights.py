@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .model import ConvMixer
-from .reliability import say
+from .reliability import say, state_dict_mismatch
 
 _WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -137,18 +137,9 @@ def load_into(model: ConvMixer, state_dict: Mapping[str, torch.Tensor], source: 
     head_reset = file_head is None or (file_head.shape != own_head.shape and file_head.shape[1:] == own_head.shape[1:])
     if head_reset:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    missing = sorted(set(own) - set(state) - ({"head.weight", "head.bias"} if head_reset else set()))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_short(unexpected)}")
-        if wrong:
-            parts.append("wrong shapes " + _short([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                                                   for k in wrong]))
+    mismatch = state_dict_mismatch(state, {k: v for k, v in own.items()
+                                           if not (head_reset and k.startswith("head."))})
+    if mismatch:
         hint = ""
         try:
             arch = describe(state_dict)
@@ -156,13 +147,9 @@ def load_into(model: ConvMixer, state_dict: Mapping[str, torch.Tensor], source: 
                     f"patch_size {arch['patch_size']} in_chans {arch['in_chans']}: set model.* to match")
         except WeightsError:
             pass
-        raise WeightsError(f"{source} does not fit the model: " + "; ".join(parts) + hint)
+        raise WeightsError(f"{source} does not fit the model: {mismatch}{hint}")
     model.load_state_dict(state, strict=not head_reset)
     return head_reset
-
-
-def _short(keys: list[str], n: int = 6) -> str:
-    return "[" + ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "") + "]"
 
 
 def load_pretrained(model: ConvMixer, path: str | Path) -> None:

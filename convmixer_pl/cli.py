@@ -1,55 +1,56 @@
-"""The `convmixer` command: LightningCLI with stable checkpoint folders and safe evaluation defaults."""
+"""The `convmixer` command: LightningCLI with stable checkpoint folders and safe evaluation defaults, and the
+tools (`convmixer export|plots|serve|benchmark`).
+
+    convmixer fit|validate|test|predict --config FILE [--section.key value ...]
+    convmixer <tool> --help
+"""
 
 from __future__ import annotations
 
 import inspect
 import os
-import re
 import signal
 import sys
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
-from .data import ImageDataModule
-from .module import ConvMixerClassifier
-from .plots import PlotWriter
-from .predict import FolderPredictDataModule, PredictionWriter, folder_data_args
-from .reliability import (
-    EpochCheckpoint,
-    FaultTolerance,
-    TrainingStopped,
+from .callbacks import PerClassReport, PlotWriter, PredictionWriter, ResumeState, StopGuard, ThroughputCallback
+from .callbacks.guards import TrainingStopped
+from .checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    RunCheckpoint,
     check_compatible,
+    check_hparams,
     check_resumable,
     check_writable,
     read_checkpoint,
-    say,
+    resolve_ckpt_path,
 )
-from .throughput import ThroughputCallback
+from .console import debugging, fail, run_entry_point, say
+from .data import DataError, FolderPredictDataModule, ImageDataModule
+from .model import VARIANTS, ConvMixer
+from .module import ConvMixerClassifier
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LINKED = ("num_classes", "in_chans", "image_size", "class_names", "mean", "std", "crop_pct", "interpolation")
+TOOLS = {  # convmixer <tool> ...: module and what it does
+    "export": ("convmixer_pl.export", "export a checkpoint (ONNX, torch.export, a timm/Hugging Face folder)"),
+    "serve": ("convmixer_pl.serve", "serve a checkpoint over HTTP (LitServe)"),
+    "plots": ("convmixer_pl.plots", "draw a checkpoint's pictures again"),
+    "benchmark": ("convmixer_pl.benchmark", "training and inference speed against a plain PyTorch loop"),
+}
 
 
 class CLIError(ValueError):
     """A bad command line or config value; the message says which and how to fix it."""
-
-
-def best_or_last(dirpath: Path) -> Path | None:
-    """The best checkpoint recorded in `last.ckpt` if it still exists, else `last.ckpt`, else None."""
-    last = dirpath / "last.ckpt"
-    if not last.is_file():
-        return None
-    state = read_checkpoint(last)  # a damaged file: one line naming it, not a traceback
-    for key, value in state.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
-            best = Path(value["best_model_path"])
-            if best.is_file():
-                return best
-    return last
 
 
 def default_loggers(root: str) -> list:
@@ -60,40 +61,76 @@ def default_loggers(root: str) -> list:
     return [tensorboard, csv]
 
 
+def expand_shorthands(argv: list[str]) -> list[str]:
+    """`--model <variant>` becomes that variant's architecture (`convmixer_pl.model.VARIANTS`), and for `predict`
+    `--data <folder>` becomes `--data FolderPredictDataModule --data.root <folder>`. jsonargparse reads either
+    value as a class name or a config file; a variant name and a folder are neither."""
+    subcommand = next((arg for arg in argv if arg in SUBCOMMANDS), None)
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--model", "--data") and i + 1 < len(argv):
+            key, value, i = arg, argv[i + 1], i + 2
+        elif arg.startswith(("--model=", "--data=")):
+            (key, value), i = arg.split("=", 1), i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        if key == "--model" and value in VARIANTS:
+            arch = {k: v for k, v in VARIANTS[value].items() if k not in LINKED}  # those come from the data
+            out += ["--model", yaml.safe_dump(arch)]
+        elif key == "--data" and subcommand == "predict" and Path(value).is_dir():
+            out += ["--data", f"{FolderPredictDataModule.__module__}.{FolderPredictDataModule.__name__}",
+                    "--data.root", value]
+        elif (key == "--data" and subcommand == "predict" and os.sep in value and not value.lstrip().startswith("{")
+              and not Path(value).exists()):
+            raise DataError(f"--data {value}: no such folder of images (or config file)")
+        else:
+            out += [key, value]
+    return out
+
+
+def checkpoint_model_args(argv: list[str], read=read_checkpoint) -> tuple[list[str], tuple[str, dict] | None]:
+    """`argv` with the architecture of the file that `--ckpt_path` names put first (right after the subcommand),
+    so that `convmixer test|predict --ckpt_path X` needs no model options; later options still override it (and
+    Lightning applies the checkpoint's hyper-parameters after parsing). Also the checkpoint, read once."""
+    value = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--ckpt_path"),
+                 next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--ckpt_path=")), None))
+    subcommand = next((i for i, arg in enumerate(argv) if arg in SUBCOMMANDS), None)
+    if value is None or subcommand is None or not Path(value).is_file():
+        return argv, None
+    checkpoint = read(value)
+    names = set(inspect.signature(ConvMixer).parameters) - set(LINKED)
+    arch = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in names}
+    if not arch:
+        return argv, (value, checkpoint)
+    return [*argv[:subcommand + 1], "--model", yaml.safe_dump(arch), *argv[subcommand + 1:]], (value, checkpoint)
+
+
 class ConvMixerParser(LightningArgumentParser):
     """A bad key or value is one line naming it (not the whole usage text); exit code 2 as before."""
 
     def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error or os.environ.get("CONVMIXER_DEBUG"):
+        if not self.exit_on_error or debugging():
             return super().error(message, ex)
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
-        print(f"convmixer: error: {_short_parser_message(message)} (`{prog} --help` lists the options)",
-              file=sys.stderr)
-        sys.exit(2)
-
-
-def _short_parser_message(message: str) -> str:
-    """jsonargparse's message on one line; its multi-line "Union subtypes" report cut to key, value and types."""
-    text = " ".join(message.split())
-    union = re.match(r'(Parser key "[^"]+"): Does not validate against any of the Union subtypes Subtypes: '
-                     r'\[(.*?)\] Errors: .* Given value: (.*)$', text)
-    if union:
-        types = [name.rsplit(".", 1)[-1].replace("NoneType", "null")
-                 for name in re.findall(r"<class '([\w.]+)'>", union[2])]
-        return f"{union[1]}: got {union[3]!r}, expected {' or '.join(types)}"
-    return text
+        fail(f"{' '.join(message.split())} (`{prog} --help` lists the options)")
 
 
 class ConvMixerCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True) -> None:
         self._checkpoint: tuple[str, dict] | None = None  # the --ckpt_path file, read once to check it
+        tools = "; ".join(f"convmixer {name}: {what}" for name, (_, what) in TOOLS.items())
         super().__init__(
             ConvMixerClassifier,
             ImageDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             parser_class=ConvMixerParser,
-            trainer_defaults={"callbacks": [ThroughputCallback()]},  # train/images_per_sec in every fit's logs
+            parser_kwargs={"description": f"Train and evaluate ConvMixer. Tools: {tools}."},
+            # images/s in every fit's logs; every process's RNG states in every checkpoint (exact resume)
+            trainer_defaults={"callbacks": [ThroughputCallback(), ResumeState()]},
             args=args,
             run=run,
         )
@@ -102,11 +139,11 @@ class ConvMixerCLI(LightningCLI):
         parser.add_argument("--name", type=str, default="default",
                             help="Experiment name: checkpoints and logs go to checkpoints/<name>/ unless "
                                  "checkpoint.dirpath says otherwise")
-        parser.add_lightning_class_args(EpochCheckpoint, "checkpoint")
-        # exact resume, reliability.every_n_train_steps saves, signal-safe stops, non-finite-loss guard
-        parser.add_lightning_class_args(FaultTolerance, "reliability")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StopGuard, "reliability")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(PlotWriter, "plots")
+        parser.add_lightning_class_args(PerClassReport, "report")
         parser.set_defaults({
             "checkpoint.monitor": "val/acc1",
             "checkpoint.mode": "max",
@@ -115,15 +152,17 @@ class ConvMixerCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
             "data": {"class_path": "convmixer_pl.data.DigitsDataModule"},
         })
-        for key in ("num_classes", "in_chans", "image_size"):
+        for key in LINKED:  # a data module that does not know one (a folder to predict) leaves the model's
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        if args is None:  # rewritten in place: DDP ranks re-run sys.argv and must see the same command
-            sys.argv[1:] = folder_data_args(sys.argv[1:])
-        elif isinstance(args, (list, tuple)):
-            args = folder_data_args(list(args))
-        super().parse_arguments(parser, args)
+        # sys.argv is read, not rewritten: DDP ranks re-run the same command line and expand it the same way
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, dict):
+            self.config = parser.parse_object(argv)
+        else:
+            argv, self._checkpoint = checkpoint_model_args(expand_shorthands([str(a) for a in argv]))
+            self.config = parser.parse_args(argv)
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return
@@ -133,32 +172,26 @@ class ConvMixerCLI(LightningCLI):
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = config.checkpoint.dirpath
         try:
-            config.ckpt_path = self._resolve_ckpt_path(subcommand, config.ckpt_path, Path(config.checkpoint.dirpath))
-        except CLIError:
+            config.ckpt_path = resolve_ckpt_path(subcommand, config.ckpt_path, Path(config.checkpoint.dirpath))
+        except CheckpointError:
             if not config.model.get("pretrained"):
                 raise
             # no checkpoint of this run: evaluate the released weights that model.pretrained names
             say(f"{subcommand} uses the weights of model.pretrained {config.model.pretrained}")
         self._check_checkpoint_and_folders(subcommand, config)
-        data = config.get("data")
-        folder = f"{FolderPredictDataModule.__module__}.{FolderPredictDataModule.__name__}"
-        if data is not None and data.get("class_path") == folder and data.init_args.get("ckpt_path") is None:
-            data.init_args.ckpt_path = config.ckpt_path  # preprocessing and class names come from the checkpoint
         self._fall_back_to_cpu(config.trainer)
 
     def _check_checkpoint_and_folders(self, subcommand: str, config) -> None:
         """Refuse, in one line, a --ckpt_path that is not a usable checkpoint and a folder that cannot be written."""
         if config.ckpt_path is not None:  # before Lightning reads it (right after this method)
-            checkpoint = read_checkpoint(config.ckpt_path)
+            known = self._checkpoint
+            checkpoint = known[1] if known and known[0] == config.ckpt_path else read_checkpoint(config.ckpt_path)
             if subcommand == "fit":
                 check_resumable(config.ckpt_path, checkpoint)
             self._checkpoint = (config.ckpt_path, checkpoint)
-            saved = checkpoint.get("hyper_parameters", {})
-            accepted = set(inspect.signature(ConvMixerClassifier.__init__).parameters) | {"_instantiator"}
-            if unknown := sorted(set(saved) - accepted):
-                raise CLIError(f"--ckpt_path {config.ckpt_path} was written by another model (its hyper-parameters "
-                               f"{', '.join(unknown[:5])} are not ConvMixerClassifier's); pass a checkpoint written "
-                               "by `convmixer fit`")
+            accepted = (set(inspect.signature(ConvMixerClassifier).parameters)
+                        | set(inspect.signature(ConvMixer).parameters))
+            saved = check_hparams(config.ckpt_path, checkpoint, accepted)
             differ = [f"{key} {saved[key]} (not {config.model.get(key)})" for key in
                       ("dim", "depth", "kernel_size", "patch_size", "act")
                       if key in saved and config.model.get(key) is not None and saved[key] != config.model.get(key)]
@@ -169,19 +202,20 @@ class ConvMixerCLI(LightningCLI):
         if config.trainer.get("logger") is not False:
             check_writable(config.trainer.default_root_dir, "trainer.default_root_dir")
 
-    def after_instantiate_classes(self) -> None:
-        super().after_instantiate_classes()
-        if self._checkpoint is not None and self.model is not None:
-            check_compatible(*self._checkpoint, self.model)  # e.g. another class count: one line, not a traceback
-
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.config.get("subcommand") or "", self.config)
         if config.get("ckpt_path") and config.model.get("pretrained"):
             config.model.pretrained = None  # the checkpoint holds the weights; don't read the file again
 
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self._checkpoint is not None and self.model is not None:
+            check_compatible(*self._checkpoint, self.model)  # e.g. another class count: one line, not a traceback
+
     def instantiate_trainer(self, **kwargs):
-        """Default TensorBoard + CSV loggers, a learning-rate monitor and a model summary down to the blocks;
-        a logger, summary or monitor set in the config or on the command line wins."""
+        """Default TensorBoard + CSV loggers, a learning-rate monitor, a model summary down to the blocks and the
+        atomic checkpoint writer; a logger, summary, monitor or plugin set in the config or on the command line
+        wins."""
         trainer = self._get(self.config_init, "trainer", default={})
         callbacks = list(trainer.get("callbacks") or [])
         if trainer.get("logger") in (None, True):
@@ -193,27 +227,9 @@ class ConvMixerCLI(LightningCLI):
             # Lightning's own choice, Rich where installed, one level deeper: stem, blocks, pooling, head
             callbacks.append(RichModelSummary(max_depth=2) if _RICH_AVAILABLE else ModelSummary(max_depth=2))
         kwargs.setdefault("callbacks", callbacks)
+        if not trainer.get("plugins"):
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         return super().instantiate_trainer(**kwargs)
-
-    @staticmethod
-    def _resolve_ckpt_path(subcommand: str, ckpt_path: str | None, dirpath: Path) -> str | None:
-        """Turn `last`, `best` or nothing into a file of this run, so no command evaluates untrained weights."""
-        if ckpt_path is None and subcommand == "fit":
-            return None
-        if ckpt_path in (None, "best", "last"):
-            found = (dirpath / "last.ckpt" if ckpt_path == "last" else best_or_last(dirpath))
-            if found is not None and found.is_file():
-                say(f"{subcommand} uses {found}")
-                return str(found)
-            if subcommand == "fit":
-                say(f"--ckpt_path last: no {dirpath / 'last.ckpt'} yet, so training starts from scratch")
-                return None
-            raise CLIError(f"no checkpoint in {dirpath}/ to {subcommand}: train first with `convmixer fit` and the "
-                           "same --config/--name, or pass --ckpt_path <file.ckpt>")
-        if not Path(ckpt_path).is_file():
-            raise CLIError(f"--ckpt_path {ckpt_path}: no such file; pass a .ckpt written by `convmixer fit`, "
-                           "or `last`/`best`")
-        return ckpt_path
 
     @staticmethod
     def _fall_back_to_cpu(trainer) -> None:
@@ -242,43 +258,26 @@ class ConvMixerCLI(LightningCLI):
             say("no GPU found; falling back: " + ", ".join(changes))
 
 
-def _one_line(err: BaseException) -> str:
-    """The message of the project's own error behind `err`, on one line.
-
-    jsonargparse wraps errors raised while building the model or data module, and a DataLoader worker re-raises
-    with the worker's traceback in the message; the user needs the original sentence.
-    """
-    chain: list[BaseException] = []
-    while err is not None and len(chain) < 20:
-        chain.append(err)
-        err = err.__cause__ or err.__context__
-    own = next((e for e in chain if type(e).__module__.startswith("convmixer_pl")), None)
-    if own is None:
-        own = chain[-1] if "\n" in str(chain[0]) and isinstance(chain[-1], ValueError) else chain[0]
-    message = str(own).strip()
-    if "Original Traceback" in message:
-        message = message.splitlines()[-1]
-        prefix = f"{type(own).__module__}.{type(own).__qualname__}: "
-        message = message[len(prefix):] if message.startswith(prefix) else message
-    return " ".join(message.split())
-
-
-def main(args=None) -> None:
+def _run_cli(args) -> None:
     try:
         ConvMixerCLI(args=args)
     except TrainingStopped as err:  # a signal or a non-finite loss: the message says what was saved
-        if os.environ.get("CONVMIXER_DEBUG"):
+        if debugging():
             raise
         say(str(err))  # decided by all processes together, so once for the job
         sys.exit(err.exit_code)
     except SIGTERMException:  # Lightning's own stop: SIGTERM before training began, or a second one
         say("stopped by SIGTERM without saving a checkpoint")
         sys.exit(128 + signal.SIGTERM)
-    except (ValueError, MisconfigurationException) as err:
-        if os.environ.get("CONVMIXER_DEBUG"):
-            raise
-        print(f"convmixer: error: {_one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
+    run_entry_point(lambda: _run_cli(args))
 
 
 if __name__ == "__main__":

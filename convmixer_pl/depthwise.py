@@ -1,21 +1,20 @@
 """The depthwise convolution of the ConvMixer blocks, with a faster weight gradient on the CPU.
 
-On the CPU the depthwise weight gradient dominates a ConvMixer training step: for ConvMixer-256/8's activations
-(batch 64, 32 px, kernel 5) oneDNN takes about 30 ms per block for it in fp32 and 45-70 ms in bf16 on this
-project's 2-core machine, against 2-4 ms for the forward pass. During training on the CPU this module computes
-that gradient another way:
+On the CPU the depthwise weight gradient dominates a ConvMixer training step: oneDNN's is many times slower than
+the forward pass, and slower in bf16 than in fp32. During training on the CPU this module computes it another way:
 
 - bf16: from fp32 copies of the bf16 input and output gradient, because oneDNN's bf16 weight gradient is slower
   than its fp32 one (the same math, accumulated in fp32, so at least as accurate);
 - channels_last, kernel 5, at least `COMPILED_MIN_NUMEL` activations: with a kernel that torch.compile generates
   from the 25-tap reduction (`_weight_grad_taps`): one pass over both tensors, vectorised over channels,
-  accumulated in fp32; 5-12 ms instead of about 30. Kernel 3 keeps oneDNN (which has a fast kernel for it), and
-  so do kernels 7 and 9 (smaller and less steady gains, and 20-30 s to compile). Compiling takes a few seconds
-  once per shape; if it fails (no C++ compiler, say), a warning is printed once and oneDNN's gradient is used.
+  accumulated in fp32. Kernel 3 keeps oneDNN (which has a fast kernel for it), and so do kernels 7 and 9
+  (smaller and less steady gains, and long compiles). Compiling runs once per shape; if it fails (no C++
+  compiler, say), a warning is printed once and oneDNN's gradient is used.
 
 Parameters, state_dict, outputs and input gradients are `nn.Conv2d`'s; so is everything on other devices, in
-evaluation, and inside a torch.compile'd model. docs/benchmarks.md has the measurements and the commands
-(`benchmarks/depthwise_weight_grad.py` per call, `python -m convmixer_pl.benchmark --stock-depthwise` per step).
+evaluation, inside a torch.compile'd model, and with `fast_cpu_grad=False` (`ConvMixer(fast_depthwise_grad=False)`).
+The measurements and their commands are in docs/benchmarks.md (`benchmarks/depthwise_weight_grad.py` per call,
+`python -m convmixer_pl.benchmark --stock-depthwise` per step).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENABLED = True  # set False to measure the stock path (docs/benchmarks.md)
 COMPILED_KERNEL_SIZES = (5,)  # where the generated weight-gradient kernel measured faster than oneDNN
 COMPILED_MIN_NUMEL = 2**20  # smaller activations gain less per step than the compile costs
 _MAX_COMPILED_SHAPES = 6  # below torch._dynamo's recompile limit, past which it would run the slow eager loop
@@ -122,11 +120,12 @@ class DepthwiseConv2d(nn.Conv2d):
     """`nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same")` for an odd kernel: same parameters, same
     state_dict, same outputs; only the CPU weight gradient is computed differently (see the module docstring)."""
 
-    def __init__(self, dim: int, kernel_size: int) -> None:
+    def __init__(self, dim: int, kernel_size: int, fast_cpu_grad: bool = True) -> None:
         super().__init__(dim, dim, kernel_size, groups=dim, padding="same")
+        self.fast_cpu_grad = fast_cpu_grad  # False: nn.Conv2d's backward everywhere (the stock path, measured)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (ENABLED and x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
+        if (self.fast_cpu_grad and x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
                 and not torch.compiler.is_compiling()):
             if _cpu_bf16(x):
                 return _CPUDepthwise.apply(x.to(torch.bfloat16), self.weight, self.bias)

@@ -1,7 +1,9 @@
 """Export a trained checkpoint for deployment, with a dynamic batch size.
 
-    python -m convmixer_pl.export --ckpt_path checkpoints/digits/last.ckpt --format onnx --output model.onnx
-    python -m convmixer_pl.export --ckpt_path checkpoints/digits/last.ckpt --format pt2 --output model.pt2
+    convmixer export --ckpt_path checkpoints/digits/last.ckpt --format onnx --output model.onnx
+    convmixer export --ckpt_path checkpoints/digits/last.ckpt --format pt2 --output model.pt2
+
+(`python -m convmixer_pl.export ...` is the same.)
 
 `onnx`: ONNX (opset 18 by default, at least 17) through torch.onnx's exporter; run it with onnxruntime.
 `pt2`: a `torch.export` program; load it with `torch.export.load(path).module()`.
@@ -18,13 +20,12 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-from .module import ConvMixerClassifier
-from .predict import class_names_of, read_hparams
+from .checkpoints import load_module
+from .console import run_entry_point, say
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 METADATA_KEYS = ("image_size", "in_chans", "num_classes", "mean", "std", "crop_pct", "interpolation")
@@ -34,25 +35,20 @@ class ExportError(ValueError):
     """A bad export request; the message names the option and the fix."""
 
 
-def load_checkpoint(ckpt_path: str | os.PathLike) -> ConvMixerClassifier:
-    """The trained module of a `convmixer fit` checkpoint, on the CPU, in eval mode."""
-    read_hparams(ckpt_path)  # a clear error for a missing or foreign file before Lightning's own
-    module = ConvMixerClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    return module.eval()
-
-
-def metadata(hparams: dict) -> dict:
+def metadata(module) -> dict:
+    """The preprocessing and class names that travel with an exported file."""
+    hparams = module.hparams
     meta = {key: hparams.get(key) for key in METADATA_KEYS}
-    meta["class_names"] = class_names_of(hparams)
+    meta["class_names"] = module.class_names
     meta["output"] = "logits"
     return meta
 
 
-def example_input(hparams: dict, batch_size: int = 2) -> torch.Tensor:
-    if not hparams.get("image_size"):
+def example_input(module, batch_size: int = 2) -> torch.Tensor:
+    in_chans, size, _ = module.data_config["input_size"]
+    if not size:
         raise ExportError("the checkpoint has no image_size; it is needed to trace the model")
-    size = int(hparams["image_size"])
-    return torch.randn(batch_size, int(hparams["in_chans"]), size, size)
+    return torch.randn(batch_size, in_chans, size, size)
 
 
 def export(ckpt_path: str | os.PathLike, fmt: str = "onnx", output: str | os.PathLike | None = None,
@@ -64,13 +60,12 @@ def export(ckpt_path: str | os.PathLike, fmt: str = "onnx", output: str | os.Pat
         raise ExportError(f"--opset {opset}: use 17 or newer")
     if fmt == "onnx" and not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript")):
         raise ExportError('ONNX export needs onnx and onnxscript: pip install "convmixer-pl[export]"')
-    module = load_checkpoint(ckpt_path)
-    network = module.model  # in eval mode: load_checkpoint
-    hparams = dict(module.hparams)
+    module = load_module(ckpt_path)
+    network = module.model  # in eval mode: load_module
     output = Path(output) if output else Path(ckpt_path).with_suffix(FORMATS[fmt])
     output.parent.mkdir(parents=True, exist_ok=True)
-    x = example_input(hparams)
-    meta = json.dumps(metadata(hparams))
+    x = example_input(module)
+    meta = json.dumps(metadata(module))
     # batch 2 when tracing so the batch dimension is not specialised to 1
     dynamic = ({0: torch.export.Dim("batch")},)
     with torch.no_grad():
@@ -86,20 +81,15 @@ def export(ckpt_path: str | os.PathLike, fmt: str = "onnx", output: str | os.Pat
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m convmixer_pl.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="convmixer export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `convmixer fit`")
     parser.add_argument("--format", default="onnx", choices=list(FORMATS), help="onnx (default) or pt2 (torch.export)")
     parser.add_argument("--output", help="file to write; default: the checkpoint's path with .onnx or .pt2")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
     args = parser.parse_args(argv)
-    try:
-        path = export(args.ckpt_path, args.format, args.output, args.opset)
-    except ValueError as err:
-        if os.environ.get("CONVMIXER_DEBUG"):
-            raise
-        print(f"convmixer export: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"convmixer: exported {args.ckpt_path} to {path}", file=sys.stderr)
+    path = run_entry_point(lambda: export(args.ckpt_path, args.format, args.output, args.opset),
+                           prog="convmixer export")
+    say(f"exported {args.ckpt_path} to {path}")
     return path
 
 

@@ -44,7 +44,22 @@ def _keep_norm_stats(module: nn.Module):
 
 
 class ConvMixer(nn.Module):
-    """Patch embedding, `depth` depthwise/pointwise mixing blocks, global average pool, linear head."""
+    """Patch embedding, `depth` depthwise/pointwise mixing blocks, global average pool, linear head.
+
+    Args:
+        dim: Channels of every layer (the "h" of ConvMixer-h/d).
+        depth: Number of mixing blocks (the "d").
+        kernel_size: Depthwise kernel size (odd).
+        patch_size: Patch-embedding stride and kernel size.
+        in_chans: Input channels; the CLI links it from the data module.
+        num_classes: Classes; the CLI links it from the data module.
+        act: Activation, gelu or relu (the 768/32 release uses relu).
+        image_size: Input size, checked against patch_size; the CLI links it from the data module.
+        grad_checkpointing: Recompute each block's activations in the backward pass instead of storing them:
+            less memory for big variants, same gradients, about one more forward pass of time.
+        fast_depthwise_grad: On the CPU, compute the depthwise weight gradient with `convmixer_pl.depthwise`'s
+            faster kernels (no effect on other devices; off: nn.Conv2d's own).
+    """
 
     def __init__(
         self,
@@ -57,6 +72,7 @@ class ConvMixer(nn.Module):
         act: Activation = "gelu",
         image_size: int | None = None,
         grad_checkpointing: bool = False,
+        fast_depthwise_grad: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("depth", depth), ("kernel_size", kernel_size),
@@ -71,7 +87,7 @@ class ConvMixer(nn.Module):
         if image_size is not None and patch_size > image_size:
             raise ValueError(f"ConvMixer: patch_size {patch_size} is larger than the {image_size}px image; "
                              f"use patch_size <= {image_size}")
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = dim
         self.patch_size = patch_size
         self.grad_checkpointing = grad_checkpointing
@@ -85,7 +101,7 @@ class ConvMixer(nn.Module):
         self.blocks = nn.Sequential(*[
             nn.Sequential(
                 Residual(nn.Sequential(
-                    DepthwiseConv2d(dim, kernel_size),  # nn.Conv2d(groups=dim, padding="same"), faster bf16 on CPU
+                    DepthwiseConv2d(dim, kernel_size, fast_depthwise_grad),  # nn.Conv2d(groups=dim, padding="same")
                     act_layer(),
                     nn.BatchNorm2d(dim),
                 )),

@@ -1,8 +1,10 @@
-"""`ConvMixerClassifier`: trains a `ConvMixer` with the paper's loss, optimizer and schedule."""
+"""`ConvMixerClassifier`: trains a `ConvMixer` with the paper's loss, metrics, optimizer and schedule, and carries
+the evaluation preprocessing and class names with its weights."""
 
 from __future__ import annotations
 
-from typing import Literal
+import inspect
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -10,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassAccuracy
 
-from .model import Activation, ConvMixer
+from .callbacks.resume import mid_epoch, per_process
+from .data.augment import eval_transform
+from .model import ConvMixer
 from .weights import load_pretrained
 
 
@@ -35,15 +39,10 @@ def use_channels_last(setting: bool | None, device: torch.device, kernel_size: i
 class ConvMixerClassifier(L.LightningModule):
     """ConvMixer image classifier.
 
+    The architecture is `ConvMixer`'s arguments (`dim`, `depth`, `kernel_size`, `patch_size`, `act`, `in_chans`,
+    `num_classes`, `image_size`, `grad_checkpointing`, `fast_depthwise_grad`), passed through as they are.
+
     Args:
-        dim: Channels of every layer (the "h" of ConvMixer-h/d).
-        depth: Number of mixing blocks (the "d").
-        kernel_size: Depthwise kernel size (odd).
-        patch_size: Patch-embedding stride and kernel size.
-        act: Activation, gelu or relu.
-        num_classes: Classes; linked from the data module by the CLI.
-        in_chans: Input channels; linked from the data module by the CLI.
-        image_size: Input size; linked from the data module by the CLI.
         label_smoothing: Label smoothing of the cross-entropy loss.
         optimizer: adamw (the paper's) or sgd (momentum 0.9, Nesterov).
         lr: Peak learning rate.
@@ -56,27 +55,17 @@ class ConvMixerClassifier(L.LightningModule):
             CPU and for kernel_size <= 7 on GPUs, off for kernel_size 9 on GPUs (see docs/benchmarks.md).
         compile: Compile the network with `torch.compile` when the trainer starts (the weights' names stay).
         compile_mode: The `torch.compile` mode.
-        grad_checkpointing: Recompute each block's activations in the backward pass instead of storing them:
-            less memory for big variants, same gradients, about one more forward pass of time.
         class_names: Class names, in label order.
         mean: Per-channel normalisation mean of the input images.
         std: Per-channel normalisation std of the input images.
         crop_pct: Evaluation resize: the short side goes to image_size / crop_pct, then a center crop.
         interpolation: Evaluation resize interpolation.
-            These five are filled from the data module at fit time and stored in every checkpoint, so
-            `convmixer predict` and exports preprocess new images as in training without the training data.
+            The CLI links these five (and in_chans, num_classes, image_size) from the data module; every
+            checkpoint stores them, so `predict`, `serve` and exports preprocess new images as in training.
     """
 
     def __init__(
         self,
-        dim: int = 256,
-        depth: int = 8,
-        kernel_size: int = 5,
-        patch_size: int = 2,
-        act: Activation = "gelu",
-        num_classes: int = 10,
-        in_chans: int = 3,
-        image_size: int | None = None,
         label_smoothing: float = 0.1,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 0.01,
@@ -87,31 +76,64 @@ class ConvMixerClassifier(L.LightningModule):
         channels_last: bool | None = None,
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
-        grad_checkpointing: bool = False,
         class_names: list[str] | None = None,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         crop_pct: float | None = None,
         interpolation: str | None = None,
+        **model_args: Any,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = ConvMixer(dim, depth, kernel_size, patch_size, in_chans, num_classes, act, image_size,
-                               grad_checkpointing=grad_checkpointing)
+        self.model = ConvMixer(**model_args)
+        # the whole architecture, ConvMixer's defaults included, so every checkpoint states it
+        arch = inspect.signature(ConvMixer).bind(**model_args)
+        arch.apply_defaults()
+        self.hparams.update(arch.arguments)
         self._channels_last = self._compiled = False  # applied in setup(), once the device is known
         if pretrained:
             load_pretrained(self.model, pretrained)
+        num_classes = self.model.num_classes
         top_k = min(5, num_classes)
+        self.train_loss = MeanMetric()
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
             for stage in ("val", "test") for name, k in (("acc1", 1), ("acc5", top_k))
         })
-        self.test_confmat = MulticlassConfusionMatrix(num_classes)  # read by plots.PlotWriter after a test
         # per-sample mean loss, exact across DDP ranks holding different sample counts (Lightning's sync_dist
         # averages the sample count as an integer and rounds it)
         self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
 
+    # -- what the weights were trained on -------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.hparams.get("class_names")
+        return list(names) if names else [str(i) for i in range(self.num_classes)]
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The evaluation preprocessing, in timm's `pretrained_cfg` terms (input_size as (C, H, W))."""
+        hp, size = self.hparams, self.hparams.get("image_size")
+        return {"input_size": (self.model.in_chans, size, size), "mean": hp.get("mean"), "std": hp.get("std"),
+                "crop_pct": hp.get("crop_pct") or 1.0, "interpolation": hp.get("interpolation") or "bilinear"}
+
+    def eval_transform(self):
+        """Resize (shorter side), centre-crop and normalise an image as the training data module evaluated."""
+        config = self.data_config
+        missing = [key for key, value in (("image_size", config["input_size"][1]), ("mean", config["mean"]),
+                                          ("std", config["std"])) if value is None]
+        if missing:
+            raise ValueError(f"the model has no {', '.join(missing)} (a checkpoint written before they were "
+                             "stored, or a model built without a data module); train it with `convmixer fit`")
+        return eval_transform(config["input_size"][1], tuple(config["mean"]), tuple(config["std"]),
+                              float(config["crop_pct"]), config["interpolation"])
+
+    # -- set-up ----------------------------------------------------------------------------------------------------
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         kwargs.setdefault("pretrained", None)  # the checkpoint holds the weights: don't read model.pretrained again
@@ -125,18 +147,25 @@ class ConvMixerClassifier(L.LightningModule):
         if self.hparams.compile and not self._compiled:
             self.model.compile(mode=self.hparams.compile_mode)  # in place: state_dict keys are unchanged
             self._compiled = True
-        self._remember_preprocessing(stage)
 
-    def _remember_preprocessing(self, stage: str) -> None:
-        """Copy the data module's class names and normalisation into the hyper-parameters (saved in checkpoints)."""
-        data = self.trainer.datamodule
-        for key in ("class_names", "mean", "std", "crop_pct", "interpolation"):
-            value = getattr(getattr(data, key, None), "value", getattr(data, key, None))  # InterpolationMode -> str
-            if value is None or (isinstance(value, (list, tuple)) and not value):
-                continue  # e.g. CIFAR's class names before setup
-            if stage == "fit" or self.hparams.get(key) is None:
-                self.hparams[key] = list(value) if isinstance(value, (list, tuple)) else value
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # every process's running sums of this epoch's training metrics, so that an epoch resumed part-way
+        # reports the same means; not in the state_dict, which holds rank 0's alone
+        if not self._trainer or self.trainer.state.fn != "fit" or not mid_epoch(self.trainer):
+            return
+        checkpoint["train_metric_states"] = per_process(
+            {name: {k: v.detach().cpu().clone() for k, v in metric.metric_state.items()}
+             for name, metric in (("train_loss", self.train_loss), ("train_acc1", self.train_acc1))})
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("train_metric_states")
+        if not states or len(states) != (self.trainer.world_size if self._trainer else 1):
+            return
+        own = states[self.trainer.global_rank if self._trainer else 0]
+        for name, metric in (("train_loss", self.train_loss), ("train_acc1", self.train_acc1)):
+            metric.load_state_dict(own.get(name, {}), strict=False)  # torchmetrics sets the states it finds
+
+    # -- steps -----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -148,11 +177,13 @@ class ConvMixerClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         hard = targets.argmax(1) if targets.ndim == 2 else targets  # soft targets come from mixup/cutmix
         self.train_acc1(logits, hard)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)  # all ranks' mean
+        self.train_loss.update(loss.detach(), weight=targets.shape[0])
+        self.log("train/loss_step", loss, prog_bar=True, sync_dist=True)  # all ranks' mean
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
         return loss
 
-    def _evaluate(self, batch, stage: str) -> None:
+    def _evaluate(self, batch, stage: str) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
         loss = F.cross_entropy(logits, targets)
@@ -162,17 +193,13 @@ class ConvMixerClassifier(L.LightningModule):
             metric = self.metrics[f"{stage}_{k}"]
             metric(logits, targets)
             self.log(f"{stage}/{k}", metric, prog_bar=k == "acc1")
-        if stage == "test":
-            self.test_confmat.update(logits, targets)
-
-    def on_test_epoch_start(self) -> None:
-        self.test_confmat.reset()  # a confusion matrix per test run, however many runs this module sees
+        return logits
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+    def test_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, "test")  # the logits: callbacks.PerClassReport counts them per class
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch

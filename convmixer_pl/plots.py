@@ -1,11 +1,12 @@
 """Pictures of what a ConvMixer learned: training curves, the test confusion matrix, and, as in the paper's figures,
 the depthwise kernels and patch-embedding filters as grids.
 
-    python -m convmixer_pl.plots --ckpt_path checkpoints/digits/last.ckpt --out docs/images
+    convmixer plots --ckpt_path checkpoints/digits/last.ckpt --out docs/images   (or python -m convmixer_pl.plots)
 
 The kernel and filter grids need only torchvision. The curves and the confusion matrix need matplotlib
 (`pip install "convmixer-pl[plots]"`); without it they are skipped with a note, and the confusion matrix is still
-saved as `confusion_matrix.csv`. `convmixer fit`/`test` write the same pictures through `PlotWriter`.
+saved as `confusion_matrix.csv`. `convmixer fit` writes the first three through `callbacks.PlotWriter` and
+`convmixer test` the confusion matrix through `callbacks.PerClassReport`.
 """
 
 from __future__ import annotations
@@ -14,18 +15,15 @@ import argparse
 import csv
 import math
 import os
-import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
 from torchvision.utils import make_grid, save_image
 
+from .checkpoints import load_module
+from .console import run_entry_point, say
 from .model import ConvMixer
-from .predict import class_names_of
-from .reliability import say
 
 CURVES, CONFUSION, KERNELS, FILTERS = ("training_curves.png", "confusion_matrix.png", "depthwise_kernels.png",
                                        "patch_embeddings.png")
@@ -151,56 +149,6 @@ def read_confusion_csv(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]
     return torch.tensor([[int(v) for v in row[1:]] for row in rows[1:]]), rows[0][1:]
 
 
-class PlotWriter(Callback):
-    """After `fit`: training curves, depthwise kernels and patch-embedding filters; after `test`: the confusion
-    matrix (PNG, and CSV). They go to `<log dir>/plots/` (checkpoints/<name>/lightning_logs/version_N/plots/).
-
-    Args:
-        enabled: write the pictures.
-        out_dir: another folder for them.
-    """
-
-    def __init__(self, enabled: bool = True, out_dir: str | None = None) -> None:
-        self.enabled, self.out_dir = enabled, out_dir
-
-    def _folder(self, trainer) -> Path:
-        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
-        return Path(self.out_dir) if self.out_dir else Path(log_dir or trainer.default_root_dir) / "plots"
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if not self.enabled:
-            return
-        out = self._folder(trainer)
-        if not trainer.is_global_zero:
-            return
-        written = save_weight_grids(pl_module.model, out)
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        if logger is None:
-            say(f"no {CURVES}: it is drawn from the CSV logger's metrics.csv, and no CSVLogger is in use")
-        elif not has_matplotlib():
-            say(f"no {CURVES}: {MATPLOTLIB_MISSING}")
-        else:
-            logger.save()
-            written.append(plot_curves(logger.experiment.metrics_file_path, out / CURVES))
-        say(f"plots written to {out}/: {', '.join(path.name for path in written)}")
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        if not self.enabled or not hasattr(pl_module, "test_confmat"):
-            return
-        confmat = pl_module.test_confmat.compute().cpu()  # summed over DDP ranks: every rank computes
-        out = self._folder(trainer)
-        if not trainer.is_global_zero:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        names = class_names_of(pl_module.hparams)
-        save_confusion_csv(confmat, names, out / "confusion_matrix.csv")
-        if has_matplotlib():
-            plot_confusion_matrix(confmat, names, out / CONFUSION)
-            say(f"plots written to {out}/: {CONFUSION}, confusion_matrix.csv")
-        else:
-            say(f"no {CONFUSION}: {MATPLOTLIB_MISSING}; the counts are in {out / 'confusion_matrix.csv'}")
-
-
 def _newest(paths, accept=lambda path: True) -> Path | None:
     found = [path for path in paths if accept(path)]
     return max(found, key=lambda path: path.stat().st_mtime) if found else None
@@ -212,25 +160,18 @@ def _has_training(metrics_csv: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="python -m convmixer_pl.plots", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="convmixer plots", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `convmixer fit`")
     parser.add_argument("--log_dir", help="folder searched (with sub-folders) for the newest metrics.csv of a fit "
                                           "and confusion_matrix.csv of a test; default: the checkpoint's folder")
     parser.add_argument("--out", default="plots", help="folder for the PNGs (default: ./plots)")
     args = parser.parse_args(argv)
-    try:
-        return _make_all(Path(args.ckpt_path), Path(args.log_dir) if args.log_dir else None, Path(args.out))
-    except ValueError as err:
-        if os.environ.get("CONVMIXER_DEBUG"):
-            raise
-        print(f"convmixer plots: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return run_entry_point(lambda: _make_all(Path(args.ckpt_path), Path(args.log_dir) if args.log_dir else None,
+                                             Path(args.out)), prog="convmixer plots")
 
 
 def _make_all(ckpt_path: Path, log_dir: Path | None, out: Path) -> list[Path]:
-    from .export import load_checkpoint  # the checkpoint reader with one-line errors
-
-    module = load_checkpoint(ckpt_path)
+    module = load_module(ckpt_path)
     log_dir = log_dir or ckpt_path.parent
     if not log_dir.is_dir():
         raise ValueError(f"--log_dir {log_dir}: no such folder")

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .console import say
 from .model import ConvMixer
-from .reliability import say, state_dict_mismatch
 
 _WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -127,19 +127,39 @@ def describe(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
                 num_classes=num_classes)
 
 
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], n: int = 6) -> None:
+    """Load `state` into `model` strictly; what does not fit (missing and unexpected keys, wrong shapes as file vs
+    model, at most `n` of each in state-dict order) is one WeightsError."""
+    own = model.state_dict()
+    wrong = {k: f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)}
+    # torch raises on a wrong shape even when not strict: those are left out and reported with the keys
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in wrong}, strict=False)
+
+    def short(items: list[str]) -> str:
+        return "[" + ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "") + "]"
+
+    problems = [(label, items) for label, items in (("missing keys", result.missing_keys),
+                                                    ("unexpected keys", result.unexpected_keys),
+                                                    ("wrong shapes", list(wrong.values()))) if items]
+    if problems:
+        raise WeightsError("; ".join(f"{label} {short(items)}" for label, items in problems))
+
+
 def load_into(model: ConvMixer, state_dict: Mapping[str, torch.Tensor], source: str = "weights") -> bool:
     """Copy `state_dict` (our layout) into `model`. A head of another class count is left out (the model keeps its
     freshly initialised head); returns whether that happened. Anything else that does not fit is an error."""
-    own = model.state_dict()
+    own_head = model.head.weight
     state = dict(state_dict)
-    file_head, own_head = state.get("head.weight"), own["head.weight"]
+    file_head = state.get("head.weight")
     # a headless file (timm's num_classes=0) or one for another class count: keep our new head
     head_reset = file_head is None or (file_head.shape != own_head.shape and file_head.shape[1:] == own_head.shape[1:])
     if head_reset:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    mismatch = state_dict_mismatch(state, {k: v for k, v in own.items()
-                                           if not (head_reset and k.startswith("head."))})
-    if mismatch:
+        state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    try:
+        load_state(model, state)
+    except WeightsError as err:
         hint = ""
         try:
             arch = describe(state_dict)
@@ -147,8 +167,7 @@ def load_into(model: ConvMixer, state_dict: Mapping[str, torch.Tensor], source: 
                     f"patch_size {arch['patch_size']} in_chans {arch['in_chans']}: set model.* to match")
         except WeightsError:
             pass
-        raise WeightsError(f"{source} does not fit the model: {mismatch}{hint}")
-    model.load_state_dict(state, strict=not head_reset)
+        raise WeightsError(f"{source} does not fit the model: {err}{hint}") from None
     return head_reset
 
 

@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,14 +125,22 @@ def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images") / "images")
 
 
+def convmixer_command() -> str:
+    """The installed `convmixer` script: beside the running interpreter (a virtual environment's bin/, which need
+    not be activated), else on PATH."""
+    beside = Path(sys.executable).parent / ("convmixer.exe" if os.name == "nt" else "convmixer")
+    command = str(beside) if beside.is_file() else shutil.which("convmixer")
+    assert command is not None, "the `convmixer` console script is not installed (pip install -e .)"
+    return command
+
+
 def run_convmixer(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the installed `convmixer` command; wide output so Lightning's metric tables keep whole numbers.
 
     One intra-op thread: the test models are tiny, and on a busy 2-core machine a second OpenMP thread mostly
     spins (twice the CPU time, slower runs). Pass env={"OMP_NUM_THREADS": ...} to change it.
     """
-    command = shutil.which("convmixer")
-    assert command is not None, "the `convmixer` console script is not installed (pip install -e .)"
+    command = convmixer_command()
     full_env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop("CONVMIXER_DEBUG", None)
     return subprocess.run([command, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True,
@@ -152,7 +161,7 @@ TINY_DIGITS = ["--config", str(CONFIGS / "digits.yaml"), "--model.dim", "16", "-
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory) -> Path:
     """`convmixer fit` (2 short epochs) then `convmixer test` of TINY_DIGITS, run in-process into one folder:
-    last.ckpt, lightning_logs/version_0 (the fit: metrics.csv, plots/) and version_1 (the test: plots/confusion_*).
+    last.ckpt, lightning_logs/version_0 (the fit: metrics.csv, plots/) and version_1 (the test: report/).
     Don't modify it: pass --trainer.default_root_dir / --predictions.output elsewhere when using it."""
     from convmixer_pl.cli import ConvMixerCLI
 

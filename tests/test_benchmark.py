@@ -73,12 +73,12 @@ def test_peak_memory_sees_an_allocation():
 def test_busy_steps_are_left_out_and_ratios_pair_rounds():
     steps = [[1.0, 2.0, 1.1], [1.2, 1.3]]
     others = [[0.1, 1.5, float("nan")], [0.9, 0.2]]  # NaN: unknown, kept
-    kept = benchmark._kept(steps, others, 0.25)
+    kept = benchmark.quiet_steps(steps, others, 0.25)
     assert kept == [[1.0, 1.1], [1.3]]
-    assert benchmark._kept(steps, others, float("inf")) == steps
+    assert benchmark.quiet_steps(steps, others, float("inf")) == steps
     # round by round: (2.0 / 1.0, 3.0 / 1.5) -> median 2.0; a round where one side kept nothing is skipped
-    assert benchmark._paired_ratio([[1.0], [1.5], []], [[2.0], [3.0], [9.0]]) == 2.0
-    assert benchmark._paired_ratio([[]], [[1.0]]) is None
+    assert benchmark.paired_ratio([[1.0], [1.5], []], [[2.0], [3.0], [9.0]]) == 2.0
+    assert benchmark.paired_ratio([[]], [[1.0]]) is None
 
 
 def test_clock_reports_other_processes_cpu():

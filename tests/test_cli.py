@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from conftest import CONFIGS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from convmixer_pl.checkpoints import RunCheckpoint
 from convmixer_pl.cli import main
-from convmixer_pl.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule
+from convmixer_pl.data import CIFARDataModule, DigitsDataModule, ImageDataModule, ImageFolderDataModule
+from convmixer_pl.model import ConvMixer
 from convmixer_pl.module import ConvMixerClassifier
-from convmixer_pl.reliability import EpochCheckpoint
 
 # A small model with a high learning rate learns visibly in 8 steps; gpu.yaml exercises the CPU fallback.
 TINY = ["--config", CONFIGS / "digits.yaml", "--trainer", CONFIGS / "trainer" / "gpu.yaml", "--name", "tiny",
@@ -188,7 +189,7 @@ class _PeekLast(L.Callback):
 
 
 def test_last_checkpoint_follows_every_epoch_not_only_the_best(tmp_path):
-    checkpoint = EpochCheckpoint(dirpath=tmp_path, monitor="score", mode="max", save_last=True,
+    checkpoint = RunCheckpoint(dirpath=tmp_path, monitor="score", mode="max", save_last=True,
                                  filename="epoch{epoch:03d}", auto_insert_metric_name=False)
     peek = _PeekLast(tmp_path / "last.ckpt")
     trainer = L.Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
@@ -212,10 +213,11 @@ def test_fit_help_lists_every_model_option_and_data_module():
     result = _main("fit", "--help")
     assert result.returncode == 0
     text = result.stdout
-    for name in inspect.signature(ConvMixerClassifier).parameters:
+    own = [name for name, p in inspect.signature(ConvMixerClassifier).parameters.items() if p.kind != p.VAR_KEYWORD]
+    for name in own + list(inspect.signature(ConvMixer).parameters):  # the architecture is ConvMixer's arguments
         assert f"model.{name}" in text, name
     for cls in (DigitsDataModule, CIFARDataModule, ImageFolderDataModule):
-        assert f"{cls.__module__}.{cls.__name__}" in text
+        assert f"convmixer_pl.data.{cls.__name__}" in text  # the public import path
     assert "--data.help" in text
 
 
@@ -224,7 +226,8 @@ def test_data_help_lists_every_option(cls):
     result = _main("fit", "--data.help", cls.__name__)
     assert result.returncode == 0
     text = result.stdout
-    for name in inspect.signature(cls).parameters:
+    own = [name for name, p in inspect.signature(cls).parameters.items() if p.kind != p.VAR_KEYWORD]
+    for name in own + list(inspect.signature(ImageDataModule).parameters):  # and the loader options they pass on
         assert f"--data.{name}" in text, name
 
 

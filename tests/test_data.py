@@ -53,7 +53,7 @@ def _cifar(root, dataset, **kwargs) -> CIFARDataModule:
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_cifar_loads_batches_with_the_right_shapes_labels_and_normalisation(cifar_root, dataset):
     folder, train_files, test_file, label_key, classes, n_train = CIFAR[dataset]
-    dm = _cifar(cifar_root, dataset, val_size=20)
+    dm = _cifar(cifar_root, dataset, val_fraction=20 / n_train)
     assert (dm.num_classes, dm.in_chans, dm.image_size) == (len(classes), 3, 32)
     dm.setup("fit")
     assert dm.class_names == classes
@@ -81,7 +81,7 @@ def test_cifar_validation_split_is_disjoint_complete_and_seeded(cifar_root, data
     assert len(label_of) == n_train  # the fixture's images are all different, so bytes identify them
 
     def split(seed):
-        dm = _cifar(cifar_root, dataset, val_size=30, seed=seed)
+        dm = _cifar(cifar_root, dataset, val_fraction=30 / n_train, seed=seed)
         dm.setup("fit")
         train, val = _keys(dm.train_set.images), _keys(dm.val_set.images)
         assert dm.train_set.targets.tolist() == [label_of[k] for k in train]  # labels travel with their images
@@ -95,8 +95,8 @@ def test_cifar_validation_split_is_disjoint_complete_and_seeded(cifar_root, data
     assert set(split(seed=1)[1]) != set(val)
 
 
-def test_cifar_val_size_zero_validates_on_the_test_set(cifar_root):
-    dm = _cifar(cifar_root, "cifar10", val_size=0)
+def test_cifar_val_fraction_zero_validates_on_the_test_set(cifar_root):
+    dm = _cifar(cifar_root, "cifar10", val_fraction=0)
     dm.setup("fit")
     assert len(dm.train_set) == 100
     assert dm.val_set is dm.test_set and len(dm.val_set) == 20
@@ -105,10 +105,10 @@ def test_cifar_val_size_zero_validates_on_the_test_set(cifar_root):
     assert torch.equal(val_images, test_images)
 
 
-def test_cifar_val_size_too_large(cifar_root):
-    dm = _cifar(cifar_root, "cifar10", val_size=100)
-    with pytest.raises(DataError, match="val_size"):
-        dm.setup("fit")
+def test_cifar_val_fraction_out_of_range(cifar_root):
+    for fraction in (1.0, -0.1):
+        with pytest.raises(DataError, match="data.val_fraction"):
+            _cifar(cifar_root, "cifar10", val_fraction=fraction)
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])

@@ -131,7 +131,7 @@ def test_without_a_cxx_compiler_the_gradient_falls_back_to_onednn(tmp_path):
     assert "using oneDNN's" in done.stdout
 
 
-def test_convmixer_training_step_uses_the_compiled_kernel_and_keeps_the_gradients(weight_grad_path, monkeypatch):
+def test_convmixer_training_step_uses_the_compiled_kernel_and_keeps_the_gradients(weight_grad_path):
     torch.manual_seed(0)
     model = ConvMixer(dim=16, depth=2, kernel_size=KERNEL, patch_size=2, num_classes=10, image_size=16)
     model.to(memory_format=torch.channels_last)
@@ -139,7 +139,9 @@ def test_convmixer_training_step_uses_the_compiled_kernel_and_keeps_the_gradient
     y = torch.randint(0, 10, (8,))
     grads = []
     for enabled in (True, False):  # ours, then nn.Conv2d's backward
-        monkeypatch.setattr(depthwise, "ENABLED", enabled)
+        for module in model.modules():
+            if isinstance(module, DepthwiseConv2d):
+                module.fast_cpu_grad = enabled
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})

@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,13 +22,14 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIGS
+from conftest import CONFIGS, convmixer_command
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from convmixer_pl.cli import CLIError, ConvMixerCLI, best_or_last, main
+from convmixer_pl.checkpoints import best_or_last
+from convmixer_pl.cli import CLIError, ConvMixerCLI, main
 from convmixer_pl.data import DigitsDataModule
 from convmixer_pl.model import ConvMixer
 from convmixer_pl.module import ConvMixerClassifier, one_cycle
@@ -54,7 +54,8 @@ class RankProbe(L.Callback):
         self.seen["norms"] = sorted({type(m).__name__ for m in pl_module.modules() if isinstance(m, _BatchNorm)})
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.seen["shards"][trainer.current_epoch] = [int(i) for i in trainer.train_dataloader.sampler]
+        # the training sampler yields (epoch, index): the index picks the image, both seed its augmentation
+        self.seen["shards"][trainer.current_epoch] = [int(i) for _, i in trainer.train_dataloader.sampler]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.seen["lrs"].append(trainer.optimizers[0].param_groups[0]["lr"])  # the lr this step uses
@@ -84,8 +85,7 @@ def _free_port() -> int:
 
 def _launch(*args, cwd: Path, probe: Path | None = None) -> subprocess.Popen:
     """Start the installed `convmixer` command; DDP ranks re-run the same command line."""
-    command = shutil.which("convmixer")
-    assert command is not None, "the `convmixer` console script is not installed (pip install -e .)"
+    command = convmixer_command()
     probe_args = ["--trainer.callbacks+=test_distributed.RankProbe", "--trainer.callbacks.out_dir", probe] if probe \
         else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),

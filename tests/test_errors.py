@@ -26,7 +26,7 @@ from convmixer_pl.data import DataError, read_image
 DIGITS = ["--config", str(CONFIGS / "digits.yaml"), "--model.dim", "8", "--model.depth", "1",
           "--model.kernel_size", "3", "--data.image_size", "8", "--trainer.enable_progress_bar", "false",
           "--trainer.enable_model_summary", "false", "--plots.enabled", "false"]
-ONE_STEP = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--reliability.every_n_train_steps", "1"]
+ONE_STEP = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--checkpoint.last_every_n_steps", "1"]
 
 
 def folder_args(root: Path, *extra: str) -> list[str]:
@@ -198,7 +198,7 @@ def test_image_folder_of_every_mode_trains(capsys, tmp_path):
 
 def _cifar_args(root: Path, *extra: str) -> list[str]:
     return ["fit", "--data", "CIFARDataModule", "--data.root", str(root), "--data.download", "false",
-            "--data.num_workers", "0", "--data.val_size", "10", "--model.dim", "8", "--model.depth", "1",
+            "--data.num_workers", "0", "--data.val_fraction", "0.1", "--model.dim", "8", "--model.depth", "1",
             "--trainer.max_steps", "1", "--plots.enabled", "false", *extra]
 
 
@@ -291,7 +291,7 @@ def test_ckpt_path_trained_for_another_class_count(capsys, tmp_path, digits_ckpt
 
 def test_ckpt_path_trained_on_other_channels(capsys, cifar_root, digits_ckpt):
     code, err = run(capsys, "test", "--data", "CIFARDataModule", "--data.root", cifar_root, "--data.num_workers",
-                    "0", "--data.verify_checksums", "false", "--data.val_size", "10", "--ckpt_path", digits_ckpt)
+                    "0", "--data.verify_checksums", "false", "--data.val_fraction", "0.1", "--ckpt_path", digits_ckpt)
     error_line(code, err, "expects 1-channel images but the data has 3")
 
 
@@ -356,7 +356,7 @@ def test_ckpt_path_last_without_a_checkpoint_starts_fit_from_scratch(capsys, tmp
 def test_weights_only_checkpoint_cannot_resume(capsys, tmp_path):
     code, err = run(capsys, "fit", *DIGITS, *ONE_STEP, "--checkpoint.dirpath", tmp_path / "w",
                     "--checkpoint.save_weights_only", "true", "--checkpoint.monitor", "null",
-                    "--reliability.every_n_train_steps", "0")
+                    "--checkpoint.last_every_n_steps", "0")
     assert code == 0, err[-3000:]
     weights_only = next((tmp_path / "w").glob("*.ckpt"))
     code, err = run(capsys, "fit", *DIGITS, "--ckpt_path", weights_only, "--checkpoint.dirpath", tmp_path / "w2")

@@ -10,14 +10,15 @@ import onnxruntime
 import pytest
 import torch
 
-from convmixer_pl.export import load_checkpoint, main
+from convmixer_pl.checkpoints import load_module
+from convmixer_pl.export import main
 
 
 @pytest.fixture(scope="module")
 def trained(digits_run):
     """The fit's checkpoint and its network, on the CPU in eval mode."""
     ckpt = digits_run / "last.ckpt"
-    return ckpt, load_checkpoint(ckpt).model
+    return ckpt, load_module(ckpt).model
 
 
 def inputs(batch: int) -> torch.Tensor:
@@ -61,7 +62,7 @@ def test_export_refuses_bad_requests_with_one_line_errors(trained, tmp_path, cap
     not_a_checkpoint = tmp_path / "notes.ckpt"
     not_a_checkpoint.write_text("hello")
     for args, message in ((["--ckpt_path", str(ckpt), "--opset", "16"], "--opset 16: use 17 or newer"),
-                          (["--ckpt_path", str(not_a_checkpoint)], "is not a checkpoint written by `convmixer fit`"),
+                          (["--ckpt_path", str(not_a_checkpoint)], "is not a checkpoint torch can read"),
                           (["--ckpt_path", str(tmp_path / "missing.ckpt")], "no such file")):
         with pytest.raises(SystemExit) as exit_info:
             main([*args, "--output", str(tmp_path / "m.onnx")])

@@ -12,8 +12,9 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from convmixer_pl.data import CIFAR_MEAN, CIFAR_STD, CIFARDataModule, DataError
-from convmixer_pl.gpu_data import (
+from convmixer_pl.callbacks import PredictionWriter
+from convmixer_pl.data import CIFAR_MEAN, CIFAR_STD, Augmentation, CIFARDataModule, DataError
+from convmixer_pl.data.device import (
     BatchAugment,
     BatchEval,
     DeviceLoader,
@@ -24,7 +25,6 @@ from convmixer_pl.gpu_data import (
     sample_erasing,
 )
 from convmixer_pl.module import ConvMixerClassifier
-from convmixer_pl.predict import PredictionWriter
 
 N = 20000  # draws per statistic: standard errors well below the tolerances used
 
@@ -159,12 +159,10 @@ def test_device_loader_resumes_mid_epoch_with_the_same_batches():
     loader.sampler.set_epoch(2)
     iterator = iter(loader)
     first = [next(iterator) for _ in range(2)]
-    state = loader.state_dict()
-    assert state == {"epoch": 2, "batches": 2, "batch_size": 8, "seed": 1}
     rest = list(iterator)
-    resumed = make()
-    resumed.load_state_dict(state)
+    resumed = make()  # as the data module resumes it: the epoch, then the samples of the 2 batches trained on
     resumed.sampler.set_epoch(2)
+    resumed.sampler.load_state_dict({"yielded": 2 * 8})
     again = list(resumed)
     assert len(first) + len(rest) == 5 and len(again) == 3
     for (x, y), (x2, y2) in zip(rest, again, strict=True):
@@ -173,8 +171,8 @@ def test_device_loader_resumes_mid_epoch_with_the_same_batches():
 
 
 def test_cifar_gpu_pipeline_matches_the_cpu_pipeline(cifar_root):
-    kwargs = dict(root=str(cifar_root), verify_checksums=False, val_size=20, batch_size=16, num_workers=0,
-                  ra_num_ops=0, color_jitter=0.0)
+    kwargs = dict(root=str(cifar_root), verify_checksums=False, val_fraction=0.2, batch_size=16, num_workers=0,
+                  augment=Augmentation(scale=(0.75, 1.0), ratio=(1.0, 1.0)))
     device_dm = CIFARDataModule(**kwargs, gpu_pipeline=True)
     cpu_dm = CIFARDataModule(**kwargs)
     device_dm.setup("fit")
@@ -192,13 +190,13 @@ def test_cifar_gpu_pipeline_matches_the_cpu_pipeline(cifar_root):
 
 
 def test_cifar_gpu_pipeline_refuses_per_image_only_augmentation(cifar_root):
-    with pytest.raises(DataError, match="data.ra_num_ops"):
+    with pytest.raises(DataError, match="data.augment.ra_num_ops"):
         CIFARDataModule(root=str(cifar_root), gpu_pipeline=True)
 
 
 def test_fit_with_the_gpu_pipeline(cifar_root):
-    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_size=20, batch_size=16, num_workers=0,
-                         ra_num_ops=0, color_jitter=0.0, re_prob=0.5, gpu_pipeline=True)
+    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_fraction=0.2, batch_size=16,
+                         num_workers=0, augment=Augmentation(scale=(0.75, 1.0), re_prob=0.5), gpu_pipeline=True)
     model = ConvMixerClassifier(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10, image_size=32)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -210,8 +208,8 @@ def test_fit_with_the_gpu_pipeline(cifar_root):
 
 
 def test_cifar_evaluates_at_image_size_on_both_pipelines(cifar_root):
-    kwargs = dict(root=str(cifar_root), verify_checksums=False, val_size=20, batch_size=16, num_workers=0,
-                  ra_num_ops=0, color_jitter=0.0, image_size=48)
+    kwargs = dict(root=str(cifar_root), verify_checksums=False, val_fraction=0.2, batch_size=16, num_workers=0,
+                  augment=Augmentation(), image_size=48)
     device_dm, cpu_dm = CIFARDataModule(**kwargs, gpu_pipeline=True), CIFARDataModule(**kwargs)
     device_dm.setup("fit")
     cpu_dm.setup("fit")
@@ -222,9 +220,10 @@ def test_cifar_evaluates_at_image_size_on_both_pipelines(cifar_root):
 
 
 def test_predict_with_the_gpu_pipeline_writes_every_test_image(cifar_root, tmp_path):
-    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_size=20, batch_size=16, num_workers=0,
-                         ra_num_ops=0, color_jitter=0.0, gpu_pipeline=True)
-    model = ConvMixerClassifier(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10, image_size=32)
+    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_fraction=0.2, batch_size=16,
+                         num_workers=0, augment=Augmentation(), gpu_pipeline=True)
+    model = ConvMixerClassifier(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10, image_size=32,
+                                class_names=dm.class_names)  # metadata flows data -> model (the CLI links it)
     writer = PredictionWriter(output=str(tmp_path / "predictions.csv"), top_k=2)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[writer])

@@ -39,8 +39,8 @@ def test_fit_and_test_write_their_pictures(digits_run):
     logs = digits_run / "lightning_logs"
     for name in (CURVES, KERNELS, FILTERS):
         assert_picture(logs / "version_0" / "plots" / name, SIZES[name])
-    assert_picture(logs / "version_1" / "plots" / CONFUSION, SIZES[CONFUSION])
-    counts = (logs / "version_1" / "plots" / "confusion_matrix.csv").read_text().splitlines()
+    assert_picture(logs / "version_1" / "report" / CONFUSION, SIZES[CONFUSION])
+    counts = (logs / "version_1" / "report" / "confusion_matrix.csv").read_text().splitlines()
     assert len(counts) == 11 and sum(int(v) for line in counts[1:] for v in line.split(",")[1:]) == 359
 
 

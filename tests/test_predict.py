@@ -6,6 +6,7 @@ import csv
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,11 +14,10 @@ import torch
 from conftest import TINY_DIGITS
 from PIL import Image
 
-from convmixer_pl.cli import ConvMixerCLI, main
-from convmixer_pl.data import DataError
-from convmixer_pl.export import load_checkpoint
+from convmixer_pl.checkpoints import load_module
+from convmixer_pl.cli import ConvMixerCLI, expand_shorthands, main
+from convmixer_pl.data import DataError, FolderPredictDataModule
 from convmixer_pl.plots import read_confusion_csv
-from convmixer_pl.predict import FolderPredictDataModule, folder_data_args, predict_transform
 
 # (relative path, PIL mode, width, height): nested folders, PNG, JPEG and BMP, modes L/RGBA/P/RGB/16-bit grey,
 # different sizes
@@ -52,8 +52,8 @@ def grey(path: Path) -> Image.Image:
 
 def expected_top1(ckpt: Path, paths: list[Path]) -> list[tuple[str, float]]:
     """The checkpoint's top-1 class and probability for each file, computed directly."""
-    module = load_checkpoint(ckpt)
-    transform = predict_transform(dict(module.hparams))
+    module = load_module(ckpt)
+    transform = module.eval_transform()
     with torch.no_grad():
         batch = torch.stack([transform(grey(path)) for path in paths])
         probs = module(batch).softmax(1)
@@ -72,11 +72,16 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_folder_module_reads_mixed_images_as_the_checkpoint_expects(digits_run, tmp_path):
+def test_folder_module_reads_mixed_images_as_the_model_expects(digits_run, tmp_path):
     paths = write_mixed_images(tmp_path / "images")
-    data = FolderPredictDataModule(str(tmp_path / "images"), ckpt_path=str(digits_run / "last.ckpt"), batch_size=4)
-    assert (data.num_classes, data.in_chans, data.image_size) == (10, 1, 8)  # from the checkpoint, not from data
-    assert data.class_names == [str(i) for i in range(10)]
+    data = FolderPredictDataModule(str(tmp_path / "images"), batch_size=4)
+    # it knows nothing of classes or sizes (the CLI's links leave the checkpoint's in the model) ...
+    assert not any(hasattr(data, key) for key in ("num_classes", "in_chans", "image_size", "class_names", "mean"))
+    # ... and takes the preprocessing from the model it predicts with
+    model = load_module(digits_run / "last.ckpt")
+    assert model.data_config["input_size"] == (1, 8, 8) and model.class_names == [str(i) for i in range(10)]
+    data.trainer = SimpleNamespace(lightning_module=model, world_size=1, global_rank=0,
+                                   strategy=SimpleNamespace(root_device=torch.device("cpu")))
     data.setup("predict")
     assert data.predict_set.paths == paths  # nested, sorted; the .txt and the hidden ._ file are skipped
     images, indices = next(iter(data.predict_dataloader()))
@@ -126,7 +131,7 @@ def test_predict_without_data_predicts_the_runs_test_set(digits_run, tmp_path):
     rows = read_rows(out)
     assert len(rows) == 359 and "target" in rows[0] and "path" not in rows[0]  # digits: 20% of 1,797
     # the same checkpoint's `convmixer test` counted the same top-1 hits
-    confmat, _ = read_confusion_csv(digits_run / "lightning_logs" / "version_1" / "plots" / "confusion_matrix.csv")
+    confmat, _ = read_confusion_csv(digits_run / "lightning_logs" / "version_1" / "report" / "confusion_matrix.csv")
     assert sum(row["class1"] == row["target"] for row in rows) == int(confmat.trace())
 
 
@@ -141,17 +146,17 @@ def test_unreadable_image_is_a_one_line_error_naming_the_file(digits_run, tmp_pa
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_folder_data_args_rewrites_only_a_folder_given_to_predict(tmp_path):
+def test_data_shorthand_rewrites_only_a_folder_given_to_predict(tmp_path):
     folder, config = tmp_path / "imgs", tmp_path / "data.yaml"
     folder.mkdir()
     config.write_text("class_path: convmixer_pl.data.DigitsDataModule\n")
-    module = "convmixer_pl.predict.FolderPredictDataModule"
-    assert folder_data_args(["predict", "--data", str(folder), "--data.batch_size", "8"]) == \
+    module = "convmixer_pl.data.folders.FolderPredictDataModule"
+    assert expand_shorthands(["predict", "--data", str(folder), "--data.batch_size", "8"]) == \
         ["predict", "--data", module, "--data.root", str(folder), "--data.batch_size", "8"]
-    assert folder_data_args(["predict", f"--data={folder}"]) == \
+    assert expand_shorthands(["predict", f"--data={folder}"]) == \
         ["predict", "--data", module, "--data.root", str(folder)]
     for unchanged in (["predict", "--data", str(config)], ["predict", "--data", "DigitsDataModule"],
                       ["predict", "--data.root", str(folder)], ["fit", "--data", str(folder)]):
-        assert folder_data_args(unchanged) == unchanged
+        assert expand_shorthands(unchanged) == unchanged
     with pytest.raises(DataError, match="no such folder"):
-        folder_data_args(["predict", "--data", str(tmp_path / "missing") + "/"])
+        expand_shorthands(["predict", "--data", str(tmp_path / "missing") + "/"])

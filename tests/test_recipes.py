@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import timm_to_official
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from torch import nn
@@ -15,6 +16,7 @@ from torchvision.transforms import v2
 
 from convmixer_pl.cli import ConvMixerCLI, main
 from convmixer_pl.data import DigitsDataModule
+from convmixer_pl.model import VARIANTS
 from convmixer_pl.module import ConvMixerClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 def data_args(config: str, cifar_root: Path, image_folder: Path) -> list[str]:
     if config.startswith("cifar"):
         return ["--data.init_args.root", str(cifar_root), "--data.init_args.verify_checksums", "false",
-                "--data.init_args.val_size", "10", "--data.init_args.batch_size", "8",
+                "--data.init_args.val_fraction", "0.1", "--data.init_args.batch_size", "8",
                 "--data.init_args.num_workers", "0", "--data.init_args.pin_memory", "false"]
     return ["--data.init_args.root", str(image_folder), "--data.init_args.image_size", "28",
             "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
@@ -68,13 +70,42 @@ def test_every_recipe_trains_one_step_on_cpu(config, cifar_root, image_folder, t
     assert cli.model.hparams.lr == recipe.model.lr and cli.model.hparams.opt_eps == recipe.model.opt_eps
     assert cli.trainer.gradient_clip_val == recipe.trainer.gradient_clip_val
     pipeline = {type(t): t for t in cli.datamodule.train_set.transform.transforms}
-    ra_ops = recipe.data.init_args.ra_num_ops
+    ra_ops = recipe.data.init_args.augment.ra_num_ops
     assert (v2.RandAugment in pipeline) == (ra_ops > 0)
     if ra_ops:
         assert pipeline[v2.RandAugment].num_ops == ra_ops
-    assert (cli.datamodule.mixer is not None) == (recipe.data.init_args.mixup_alpha > 0)
+    assert (cli.datamodule.mixer is not None) == (recipe.data.init_args.augment.mixup_alpha > 0)
     if config.startswith("finetune"):
         assert "the head is re-initialised" in capsys.readouterr().err
+
+
+# the recipes that train a named variant (convmixer_pl.model.VARIANTS); the others state their own architecture
+RECIPE_VARIANTS = {"cifar10.yaml": "convmixer_256_8", "cifar10_25ep_92.yaml": "convmixer_256_8",
+                   "cifar10_100ep_94.yaml": "convmixer_256_8", "cifar100.yaml": "convmixer_256_8",
+                   "imagenet_convmixer_1536_20.yaml": "convmixer_1536_20",
+                   "imagenet_convmixer_768_32.yaml": "convmixer_768_32",
+                   "imagenet_convmixer_1024_20_ks9_p14.yaml": "convmixer_1024_20_ks9_p14",
+                   "finetune_imagefolder.yaml": "convmixer_768_32"}
+
+
+@pytest.mark.parametrize("config, variant", sorted(RECIPE_VARIANTS.items()))
+def test_recipe_architectures_are_their_named_variants(config, variant):
+    model = yaml.safe_load((CONFIGS / config).read_text())["model"]
+    expected = {"act": "gelu", **VARIANTS[variant]}
+    expected.pop("num_classes", None)  # linked from the data module by the CLI
+    assert {key: model.get(key, "gelu" if key == "act" else None) for key in expected} == expected
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_model_flag_takes_a_variant_name(variant, tmp_path):
+    """`--model <variant>` builds exactly that architecture; later flags still override it."""
+    cli = ConvMixerCLI(args=["--config", str(CONFIGS / "digits.yaml"), "--model", variant, "--model.lr", "0.02",
+                             "--trainer.default_root_dir", str(tmp_path)], run=False)
+    hp = cli.model.hparams
+    expected = {"act": "gelu", **VARIANTS[variant]}
+    expected.pop("num_classes", None)
+    assert {key: hp[key] for key in expected} == expected and hp.lr == 0.02
+    assert hp.num_classes == 10 and hp.in_chans == 1  # from the digits data module, not the variant
 
 
 def test_recipes_compose_with_trainer_configs(tmp_path):

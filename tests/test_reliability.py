@@ -27,16 +27,11 @@ from conftest import CONFIGS
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from convmixer_pl.callbacks.guards import NonFiniteLoss, StopGuard
+from convmixer_pl.checkpoints import TMP_SUFFIX, AtomicCheckpointIO, read_checkpoint
 from convmixer_pl.cli import ConvMixerCLI, main
-from convmixer_pl.reliability import (
-    TMP_SUFFIX,
-    AtomicCheckpointIO,
-    FaultTolerance,
-    NonFiniteLoss,
-    ResumableDataLoader,
-    ResumableSampler,
-    read_checkpoint,
-)
+from convmixer_pl.data import ImageFolderDataModule
+from convmixer_pl.data.base import EpochSampler, SeededAugmentation, TensorImageDataset
 
 STEPS_PER_EPOCH, EPOCHS = 10, 3  # 120 training images, batches of 12
 
@@ -53,11 +48,11 @@ def write_digit_folder(root: Path) -> Path:
     return root
 
 
-def fit_args(data: Path, dirpath: Path, *extra: str) -> list[str]:
+def fit_args(data: Path, dirpath: Path, *extra: str, workers: int = 0) -> list[str]:
     return ["fit", "--seed_everything", "0", "--data", "ImageFolderDataModule", "--data.root", str(data),
-            "--data.image_size", "16", "--data.crop_pct", "1.0", "--data.batch_size", "12", "--data.num_workers", "0",
-            "--data.pin_memory", "false", "--data.persistent_workers", "false",
-            "--data.mixup_alpha", "0.2",
+            "--data.image_size", "16", "--data.crop_pct", "1.0", "--data.batch_size", "12",
+            "--data.num_workers", str(workers), "--data.pin_memory", "false",
+            "--data.persistent_workers", str(workers > 0).lower(), "--data.augment.mixup_alpha", "0.2",
             "--model.dim", "16", "--model.depth", "1", "--model.kernel_size", "3", "--model.patch_size", "2",
             "--trainer.max_epochs", str(EPOCHS), "--trainer.log_every_n_steps", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -100,22 +95,25 @@ def reference(data, tmp_path_factory):
     return {"dir": run, "weights": weights(cli), "logged": logged(run)}
 
 
-def resume(data: Path, checkpoint: Path, dirpath: Path, *extra: str) -> ConvMixerCLI:
+def resume(data: Path, checkpoint: Path, dirpath: Path, *extra: str, workers: int = 0) -> ConvMixerCLI:
     """`fit --ckpt_path last` in a folder whose last.ckpt is `checkpoint` (unless it is already there)."""
     dirpath.mkdir(parents=True, exist_ok=True)
     if checkpoint != dirpath / "last.ckpt":
         shutil.copy(checkpoint, dirpath / "last.ckpt")
-    return ConvMixerCLI(args=fit_args(data, dirpath, "--ckpt_path", "last", *extra))
+    return ConvMixerCLI(args=fit_args(data, dirpath, "--ckpt_path", "last", *extra, workers=workers))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("name, where", [
     ("steps/step015.ckpt", "mid-epoch, after a training step"),
     ("steps/step020.ckpt", "after the last step of an epoch"),
     ("epoch000.ckpt", "after an epoch's validation"),
 ])
-def test_resume_matches_the_uninterrupted_run(data, reference, tmp_path, name, where):
+def test_resume_matches_the_uninterrupted_run(data, reference, tmp_path, name, where, workers):
+    """The reference trains with 0 loader workers; resuming with 2 (persistent) workers ends the same: each
+    image's augmentation depends on (seed, epoch, image) only, and the position is a batch count."""
     start = read_checkpoint(reference["dir"] / name)["global_step"]
-    resumed = resume(data, reference["dir"] / name, tmp_path / "resumed")
+    resumed = resume(data, reference["dir"] / name, tmp_path / "resumed", workers=workers)
     assert resumed.trainer.global_step == STEPS_PER_EPOCH * EPOCHS
     assert_same_weights(weights(resumed), reference["weights"])
     after = logged(tmp_path / "resumed")
@@ -130,9 +128,9 @@ def test_gpu_pipeline_resumes_mid_epoch_exactly(cifar_root, tmp_path):
     def fit(dirpath: Path, *extra: str) -> ConvMixerCLI:
         return ConvMixerCLI(args=[
             "fit", "--seed_everything", "0", "--data", "CIFARDataModule", "--data.root", str(cifar_root),
-            "--data.verify_checksums", "false", "--data.val_size", "20", "--data.batch_size", "16",
-            "--data.gpu_pipeline", "true", "--data.ra_num_ops", "0", "--data.color_jitter", "0",
-            "--data.mixup_alpha", "0.2", "--model.dim", "8", "--model.depth", "1", "--model.kernel_size", "3",
+            "--data.verify_checksums", "false", "--data.val_fraction", "0.2", "--data.batch_size", "16",
+            "--data.gpu_pipeline", "true", "--data.augment.ra_num_ops", "0", "--data.augment.color_jitter", "0",
+            "--data.augment.mixup_alpha", "0.2", "--model.dim", "8", "--model.depth", "1", "--model.kernel_size", "3",
             "--model.patch_size", "4", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--plots.enabled", "false",
             "--checkpoint.dirpath", str(dirpath), *extra])
@@ -165,7 +163,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
 
 def test_kill_9_leaves_a_loadable_last_ckpt_and_resuming_loses_nothing(data, reference, tmp_path):
     run, every = tmp_path / "run", 2
-    process = start_fit(data, run, tmp_path / "log.txt", "--reliability.every_n_train_steps", str(every))
+    process = start_fit(data, run, tmp_path / "log.txt", "--checkpoint.last_every_n_steps", str(every))
     try:
         wait_for(run / "last.ckpt", process)
         time.sleep(random.uniform(0.0, 0.3))  # any moment, a save in progress included
@@ -177,7 +175,7 @@ def test_kill_9_leaves_a_loadable_last_ckpt_and_resuming_loses_nothing(data, ref
     saved = read_checkpoint(run / "last.ckpt")  # loadable, whatever the moment of the kill
     assert 0 < saved["global_step"] < STEPS_PER_EPOCH * EPOCHS
     assert saved["global_step"] % every == 0  # a step save or an epoch end (both even): at most `every` - 1 lost
-    resumed = resume(data, run / "last.ckpt", run, "--reliability.every_n_train_steps", str(every))
+    resumed = resume(data, run / "last.ckpt", run, "--checkpoint.last_every_n_steps", str(every))
     assert_same_weights(weights(resumed), reference["weights"])
     assert not list(run.glob(f"*{TMP_SUFFIX}"))  # a half-written temporary of the killed run is cleaned up
 
@@ -188,7 +186,7 @@ def signal_when_training(signum: int, checkpoint: Path) -> threading.Thread:
         deadline = time.monotonic() + 240
         while not checkpoint.exists() and time.monotonic() < deadline:
             time.sleep(0.005)
-        if getattr(signal.getsignal(signum), "__func__", None) is FaultTolerance._on_signal:
+        if getattr(signal.getsignal(signum), "__func__", None) is StopGuard._on_signal:
             os.kill(os.getpid(), signum)
 
     thread = threading.Thread(target=send, daemon=True)
@@ -201,7 +199,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_then_exit(data, reference, tmp_pat
     run = tmp_path / "run"
     sender = signal_when_training(signum, run / "last.ckpt")
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(data, run, "--reliability.every_n_train_steps", "3"))
+        main(fit_args(data, run, "--checkpoint.last_every_n_steps", "3"))
     sender.join()
     stderr = capsys.readouterr().err
     assert exit_info.value.code == 128 + signum, stderr[-3000:]
@@ -211,7 +209,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_then_exit(data, reference, tmp_pat
     assert Path(stopped[2]) == run / "last.ckpt"
     saved = read_checkpoint(run / "last.ckpt")
     assert saved["global_step"] == int(stopped[1]) < STEPS_PER_EPOCH * EPOCHS  # saved where it stopped
-    assert getattr(signal.getsignal(signum), "__func__", None) is not FaultTolerance._on_signal  # handler restored
+    assert getattr(signal.getsignal(signum), "__func__", None) is not StopGuard._on_signal  # handler restored
     if signum == signal.SIGTERM:  # preemption: the same command with --ckpt_path last finishes the run exactly
         resumed = resume(data, run / "last.ckpt", run)
         assert_same_weights(weights(resumed), reference["weights"])
@@ -224,7 +222,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
               "--model.lr", "1e30", "--model.scheduler", "constant",
               "--trainer.gradient_clip_val", "null", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar",
               "false", "--plots.enabled", "false", "--checkpoint.dirpath", str(run),
-              "--reliability.every_n_train_steps", "1"])
+              "--checkpoint.last_every_n_steps", "1"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     stopped = re.search(r"convmixer: error: the training loss is (nan|inf|-inf) at step (\d+) \(epoch 0, batch \d+\)",
@@ -250,7 +248,7 @@ def test_step_saves_write_the_runs_last_ckpt_once_per_optimizer_step(tmp_path, m
     main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.dim", "8", "--model.depth", "1",
           "--trainer.max_steps", "3", "--trainer.accumulate_grad_batches", "3", "--trainer.limit_val_batches", "0",
           "--trainer.enable_progress_bar", "false", "--plots.enabled", "false", "--checkpoint.dirpath", str(run),
-          "--reliability.every_n_train_steps", "1",
+          "--checkpoint.last_every_n_steps", "1",
           # a user's own ModelCheckpoint, which Lightning puts before the run's: the run's saves stay in run/
           "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(other),
           "--trainer.callbacks.save_top_k", "0"])
@@ -275,7 +273,7 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
 def test_atomic_writes_survive_kill_9_in_the_middle_of_a_save(tmp_path):
     """A writer saving a 32 MB checkpoint over and over is killed while its temporary file exists (mid-save)."""
     target = tmp_path / "last.ckpt"
-    writer = ("import itertools, torch\nfrom convmixer_pl.reliability import AtomicCheckpointIO\n"
+    writer = ("import itertools, torch\nfrom convmixer_pl.checkpoints import AtomicCheckpointIO\n"
               "for i in itertools.count():\n"
               "    state = {'i': i, 'w': torch.full((2**23,), float(i))}\n"
               f"    AtomicCheckpointIO().save_checkpoint(state, {str(target)!r})\n")
@@ -293,41 +291,62 @@ def test_atomic_writes_survive_kill_9_in_the_middle_of_a_save(tmp_path):
     assert torch.equal(state["w"], torch.full_like(state["w"], float(state["i"])))
 
 
-def test_sampler_order_depends_on_seed_and_epoch_and_can_start_part_way():
+def test_sampler_order_depends_on_seed_and_epoch_and_can_skip_part_of_an_epoch():
     dataset = list(range(50))
-    first, again = ResumableSampler(dataset, seed=3), ResumableSampler(dataset, seed=3)
-    assert list(first) == list(again) and sorted(first) == dataset
+    first, again = (EpochSampler(dataset, num_replicas=1, rank=0, seed=3) for _ in range(2))
+    assert list(first) == list(again) and sorted(i for _, i in first) == dataset
+    assert {epoch for epoch, _ in first} == {0}
     first.set_epoch(1)
-    assert list(first) != list(again)
+    assert [i for _, i in first] != [i for _, i in again] and {epoch for epoch, _ in first} == {1}
     order = list(again)
-    again.start = 20
+    again.load_state_dict({"yielded": 20})
     assert list(again) == order[20:] and len(again) == 50  # skips once; the epoch length stays whole
     assert list(again) == order
-    shards = [list(ResumableSampler(dataset, num_replicas=2, rank=r, seed=3)) for r in (0, 1)]
+    shards = [[i for _, i in EpochSampler(dataset, num_replicas=2, rank=r, seed=3)] for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == dataset
 
 
-def test_loader_position_round_trips_and_applies_only_to_its_epoch():
-    dataset = torch.arange(40)
-    make = lambda: ResumableDataLoader(dataset, batch_size=4, sampler=ResumableSampler(dataset, seed=1),  # noqa: E731
-                                       generator=torch.Generator())
-    loader = make()
-    loader.sampler.set_epoch(2)
-    batches = iter(loader)
-    seen = [next(batches) for _ in range(3)]
-    state = loader.state_dict()
-    assert state["epoch"] == 2 and state["batches"] == 3
-    rest = list(batches)
-    fresh = make()
-    fresh.load_state_dict(state)
-    fresh.sampler.set_epoch(2)
-    resumed = list(fresh)
-    assert len(resumed) == len(rest) == 7 and all(torch.equal(a, b) for a, b in zip(resumed, rest, strict=True))
-    assert not any(torch.equal(a, b) for a in seen for b in resumed)
-    later = make()
-    later.load_state_dict(state)
-    later.sampler.set_epoch(3)  # a checkpoint of epoch 2 resumes at the start of epoch 3: nothing skipped
-    assert len(list(later)) == 10
+def test_augmentation_depends_on_seed_epoch_and_image_only():
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    noisy = TensorImageDataset(images, torch.zeros(6), transform=lambda image: image.float() + torch.randn(3, 8, 8))
+    seeded = SeededAugmentation(noisy, seed=5)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = seeded[(2, 4)][0]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is left as it was
+    torch.rand(7)  # whatever else draws in between, in this process or in a worker
+    assert torch.equal(seeded[(2, 4)][0], a)
+    assert not torch.equal(seeded[(3, 4)][0], a) and not torch.equal(seeded[(2, 5)][0] - images[5], a - images[4])
+    assert not torch.equal(SeededAugmentation(noisy, seed=6)[(2, 4)][0], a)
+
+
+def test_data_module_position_round_trips_and_applies_only_to_its_epoch(data):
+    """A position saved mid-epoch skips exactly the trained batches of that epoch; a finished epoch's is empty."""
+    def module() -> ImageFolderDataModule:
+        dm = ImageFolderDataModule(str(data), image_size=16, batch_size=12, num_workers=0, persistent_workers=False,
+                                   pin_memory=False)
+        dm.setup("fit")
+        return dm
+
+    def batches(loader) -> list[torch.Tensor]:
+        return [images for images, _ in loader]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    full = module().train_dataloader()
+    full.sampler.set_epoch(2)
+    whole = batches(full)
+    assert len(whole) == 10
+    resumed = module()
+    resumed.load_state_dict({"epoch": 2, "batches": 3, "batch_size": 12, "seed": 0, "world_size": 1})
+    loader = resumed.train_dataloader()
+    assert loader.sampler.epoch == 2
+    assert same(batches(loader), whole[3:])  # the remaining 7 batches, in order, with the same augmentation
+    assert same(batches(loader), whole)  # the skip applies to the resumed epoch only
+    other = module()
+    other.load_state_dict({"epoch": 2, "batches": 3, "batch_size": 6, "seed": 0, "world_size": 1})
+    assert len(batches(other.train_dataloader())) == 10  # another batch size: the epoch starts again
 
 
 def test_atomic_writer_leaves_only_the_checkpoint(tmp_path):

@@ -8,6 +8,7 @@ import csv
 import lightning as L
 import torch
 import torch.nn.functional as F
+from conftest import CONFIGS
 from torch.utils.data import DataLoader, TensorDataset
 
 from convmixer_pl.cli import ConvMixerCLI
@@ -77,8 +78,9 @@ def test_compile_wraps_the_network_in_place():
 
 
 def test_cli_accepts_speed_options(tmp_path):
-    cli = ConvMixerCLI(args=["--model.channels_last", "false", "--model.compile", "true",
-                             "--model.compile_mode", "max-autotune", "--model.grad_checkpointing", "true",
+    cli = ConvMixerCLI(args=["--config", str(CONFIGS / "digits.yaml"), "--model.channels_last", "false",
+                             "--model.compile", "true", "--model.compile_mode", "max-autotune",
+                             "--model.grad_checkpointing", "true",
                              "--trainer.benchmark", "true", "--trainer.precision", "bf16-mixed",
                              "--checkpoint.dirpath", str(tmp_path),
                              "--trainer.default_root_dir", str(tmp_path)], run=False)

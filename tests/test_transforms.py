@@ -9,11 +9,26 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from convmixer_pl.data import CIFAR_MEAN, CIFAR_STD, CIFARDataModule, DataError, ImageFolderDataModule
+from convmixer_pl.data import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    Augmentation,
+    CIFARDataModule,
+    DataError,
+    ImageFolderDataModule,
+    eval_transform,
+)
 from convmixer_pl.module import ConvMixerClassifier
-from convmixer_pl.transforms import batch_mixer, eval_transform, train_transform
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def train_transform(image_size: int, mean, std, **augment) -> v2.Compose:
+    return Augmentation(**augment).train_transform(image_size, mean, std)
+
+
+def batch_mixer(num_classes: int, **augment):
+    return Augmentation(**augment).batch_mixer(num_classes)
 
 
 def steps(pipeline: v2.Compose) -> dict[type, v2.Transform]:
@@ -21,7 +36,7 @@ def steps(pipeline: v2.Compose) -> dict[type, v2.Transform]:
 
 
 def test_cifar_defaults_are_the_cifar10_script(cifar_root):
-    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_size=0, num_workers=0)
+    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_fraction=0, num_workers=0)
     dm.setup("fit")
     pipeline = dm.train_set.transform
     assert [type(t) for t in pipeline.transforms] == [
@@ -46,9 +61,10 @@ def test_cifar_defaults_are_the_cifar10_script(cifar_root):
 
 
 def test_configured_parameters_reach_the_pipeline(cifar_root):
-    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_size=0, num_workers=0,
-                         scale=(1.0, 1.0), ra_num_ops=2, ra_magnitude=12, color_jitter=0.2, re_prob=0.2,
-                         re_mode="pixel", mixup_alpha=0.8, cutmix_alpha=1.0, mix_switch_prob=0.3, mix_prob=0.9)
+    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_fraction=0, num_workers=0,
+                         augment=Augmentation(scale=(1.0, 1.0), ra_num_ops=2, ra_magnitude=12, color_jitter=0.2,
+                                              re_prob=0.2, re_mode="pixel", mixup_alpha=0.8, cutmix_alpha=1.0,
+                                              mix_switch_prob=0.3, mix_prob=0.9))
     dm.setup("fit")
     s = steps(dm.train_set.transform)
     assert s[v2.RandomResizedCrop].scale == (1.0, 1.0)
@@ -170,8 +186,8 @@ class RecordTargets(ConvMixerClassifier):
 
 
 def test_training_batches_are_mixed_and_validation_batches_are_not(tmp_path, cifar_root):
-    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_size=8, num_workers=0,
-                         batch_size=8, pin_memory=False, mixup_alpha=0.5, cutmix_alpha=0.5)
+    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_fraction=0.08, num_workers=0,
+                         batch_size=8, pin_memory=False, augment=Augmentation(mixup_alpha=0.5, cutmix_alpha=0.5))
     model = RecordTargets(dim=8, depth=1, kernel_size=3, patch_size=8, num_classes=10)
     model.seen = {}
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1,
@@ -184,11 +200,12 @@ def test_training_batches_are_mixed_and_validation_batches_are_not(tmp_path, cif
     assert model.seen["val"][0].dtype == torch.int64 and model.seen["val"][0].ndim == 1
 
 
-def test_bad_augmentation_values_name_their_key(cifar_root):
-    root = str(cifar_root)
-    with pytest.raises(DataError, match="data.re_prob"):
-        CIFARDataModule(root=root, re_prob=1.5)
-    with pytest.raises(DataError, match="data.mixup_alpha"):
-        CIFARDataModule(root=root, mixup_alpha=-1)
-    with pytest.raises(DataError, match="data.ra_magnitude"):
-        CIFARDataModule(root=root, ra_magnitude=31)
+def test_bad_augmentation_values_name_their_key():
+    with pytest.raises(DataError, match="data.augment.re_prob"):
+        Augmentation(re_prob=1.5)
+    with pytest.raises(DataError, match="data.augment.mixup_alpha"):
+        Augmentation(mixup_alpha=-1)
+    with pytest.raises(DataError, match="data.augment.ra_magnitude"):
+        Augmentation(ra_magnitude=31)
+    with pytest.raises(DataError, match="data.augment.scale"):
+        Augmentation(scale=(0.9, 0.5))

@@ -122,7 +122,7 @@ def test_wrapped_and_prefixed_checkpoints(tmp_path, images, wrap):
     elif wrap == "state_dict+module":  # saved from a DDP-wrapped model
         checkpoint = {"state_dict": {f"module.{k}": v for k, v in state.items()}}
     else:  # a checkpoint of our own Lightning module
-        module = ConvMixerClassifier(DIM, DEPTH, K, P, num_classes=CLASSES)
+        module = ConvMixerClassifier(dim=DIM, depth=DEPTH, kernel_size=K, patch_size=P, num_classes=CLASSES)
         module.model.load_state_dict(official_to_timm(state))
         checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     torch.save(checkpoint, tmp_path / "wrapped.pth")
@@ -143,7 +143,8 @@ def test_timm_training_checkpoint_with_argparse_options(tmp_path):
 def test_other_class_count_reinitialises_head_and_says_so(tmp_path, images, capsys):
     source = randomize(official_convmixer(DIM, DEPTH, K, P, 1000))
     torch.save(source.state_dict(), tmp_path / "in1k.pth.tar")
-    module = ConvMixerClassifier(DIM, DEPTH, K, P, num_classes=3, pretrained=str(tmp_path / "in1k.pth.tar"))
+    module = ConvMixerClassifier(dim=DIM, depth=DEPTH, kernel_size=K, patch_size=P, num_classes=3,
+                                 pretrained=str(tmp_path / "in1k.pth.tar"))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1000-class head" in err[0] and "re-initialised" in err[0]
     model = module.model.eval()
@@ -201,7 +202,8 @@ def test_relu_file_into_gelu_model_is_flagged(tmp_path, capsys):
 def test_load_from_checkpoint_does_not_reread_pretrained(tmp_path):
     source = tmp_path / "released.pth"
     torch.save(randomize(ours()).state_dict(), source)
-    module = ConvMixerClassifier(DIM, DEPTH, K, P, num_classes=CLASSES, pretrained=str(source))
+    module = ConvMixerClassifier(dim=DIM, depth=DEPTH, kernel_size=K, patch_size=P, num_classes=CLASSES,
+                                 pretrained=str(source))
     ckpt = tmp_path / "run.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": "2.6.6"}, ckpt)

@@ -7,15 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-
-
-def batch_size_of(batch: Any) -> int:
-    """Images in a batch: the first dimension of the first tensor in it."""
-    while isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    if isinstance(batch, dict):
-        return batch_size_of(next(iter(batch.values())))
-    return int(batch.shape[0]) if isinstance(batch, torch.Tensor) else 0
+from lightning.pytorch.utilities.data import extract_batch_size
 
 
 class ThroughputCallback(L.Callback):
@@ -42,7 +34,7 @@ class ThroughputCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._images += batch_size_of(batch)
+        self._images += extract_batch_size(batch)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

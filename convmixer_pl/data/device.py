@@ -16,7 +16,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Sampler
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+from .augment import Augmentation
+from .base import DataError
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -128,6 +132,17 @@ class BatchAugment:
     with normal noise, like torchvision's `value="random"`.
     """
 
+    @classmethod
+    def from_augmentation(cls, augment: Augmentation, image_size: int, mean: Sequence[float],
+                          std: Sequence[float]) -> BatchAugment:
+        if augment.per_image_only:
+            raise DataError(f"data.gpu_pipeline does crop, flip and erasing on the device; RandAugment "
+                            f"(data.augment.ra_num_ops {augment.ra_num_ops}) and ColorJitter "
+                            f"(data.augment.color_jitter {augment.color_jitter}) run only per image: set both to 0, "
+                            "or data.gpu_pipeline: false")
+        return cls(image_size, mean, std, augment.scale, augment.ratio, augment.hflip, erase_prob=augment.re_prob,
+                   erase_value=None if augment.re_mode == "pixel" else 0.0)
+
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
                  scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                  erase_prob: float = 0.0, erase_scale: Sequence[float] = (0.02, 0.33),
@@ -183,12 +198,13 @@ class BatchEval:
 
 
 class DeviceLoader:
-    """Batches of (float images, long targets) from a uint8 split held on `device`.
+    """Batches of (float images, long targets) from a uint8 split held on `device` (CIFAR's `gpu_pipeline`).
 
-    Shuffling and sharding come from `DistributedSampler` (seeded, one shard per process, new order per epoch)
-    unless `sampler` is given; Lightning calls `sampler.set_epoch` like it does for a `DataLoader`. Augmentation
-    randomness comes from a generator on the device, reseeded from (seed, epoch, rank, batch): an epoch is
-    reproducible, and `state_dict`/`load_state_dict` resume it mid-epoch at the same batch with the same draws.
+    Shuffling and sharding come from torchdata's `StatefulDistributedSampler` (seeded, one shard per process, new
+    order per epoch, and able to skip the batches a resumed epoch already trained on) unless `sampler` is given;
+    Lightning calls `sampler.set_epoch` like it does for a `DataLoader`. Augmentation randomness comes from a
+    generator on the device, reseeded from (seed, epoch, rank, batch): an epoch is reproducible, and a resumed one
+    draws what the uninterrupted one would have.
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, device: torch.device | str,
@@ -202,12 +218,10 @@ class DeviceLoader:
         self.batch_size, self.drop_last, self.seed, self.rank = batch_size, drop_last, seed, rank
         self.transform = transform
         if sampler is None:
-            sampler = DistributedSampler(range(len(self.targets)), num_replicas=num_replicas, rank=rank,
-                                         shuffle=shuffle, seed=seed)
+            sampler = StatefulDistributedSampler(range(len(self.targets)), num_replicas=num_replicas, rank=rank,
+                                                 shuffle=shuffle, seed=seed)
         self.sampler = sampler
         self.batch_sampler = None  # Lightning inspects loaders that have a `sampler` like DataLoaders
-        self._position: tuple[int, int] = (0, 0)  # (epoch, batches handed out)
-        self._resume: tuple[int, int] | None = None
         self.generator = torch.Generator(device=self.device)
 
     def __len__(self) -> int:
@@ -217,27 +231,12 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # a generator: its body starts at the first batch, after Lightning's `sampler.set_epoch`
         epoch = getattr(self.sampler, "epoch", 0)
-        skip = 0
-        if self._resume is not None:
-            if self._resume[0] == epoch:
-                skip = self._resume[1]
-            self._resume = None
-        self._position = (epoch, skip)
-        order = torch.as_tensor(list(self.sampler), dtype=torch.long).to(self.device)
-        for batch in range(skip, len(self)):
-            index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+        indices = list(self.sampler)
+        first = (len(self.sampler) - len(indices)) // self.batch_size  # batches a resumed epoch skips
+        order = torch.as_tensor(indices, dtype=torch.long).to(self.device)
+        for batch in range(first, len(self)):
+            index = order[(batch - first) * self.batch_size:(batch - first + 1) * self.batch_size]
             images = self.images.index_select(0, index)
             # seeded per batch, so a resumed epoch draws what an uninterrupted one would have
             self.generator.manual_seed(hash((self.seed, epoch, self.rank, batch)) & 0x7FFF_FFFF_FFFF_FFFF)
-            images = self.transform(images, self.generator)
-            self._position = (epoch, batch + 1)
-            yield images, self.targets.index_select(0, index)
-
-    def state_dict(self) -> dict[str, int]:
-        """Where the epoch is: Lightning saves it in checkpoints and hands it back to resume mid-epoch."""
-        epoch, batches = self._position
-        return {"epoch": epoch, "batches": batches, "batch_size": self.batch_size, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state and state.get("batch_size") == self.batch_size and state.get("seed") == self.seed:
-            self._resume = (state["epoch"], state["batches"])
+            yield self.transform(images, self.generator), self.targets.index_select(0, index)

@@ -1,0 +1,90 @@
+"""`convmixer predict` output: the top-k classes and probabilities of every sample, in sample order, in one CSV
+(and JSON) file, also under DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from ..console import say
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes the top-k classes and probabilities of every predicted sample, in sample order, to one CSV file.
+
+    Under DDP every rank sends its top-k to the others and rank 0 writes the whole, ordered file once.
+
+    Args:
+        output: CSV file; default `<trainer.default_root_dir>/predictions.csv` (checkpoints/<name>/).
+        top_k: how many classes per sample.
+        json: also write the same predictions as JSON next to the CSV (same name, .json).
+    """
+
+    def __init__(self, output: str | None = None, top_k: int = 5, json: bool = False) -> None:
+        super().__init__(write_interval="epoch")
+        if top_k < 1:
+            raise ValueError(f"predictions.top_k must be at least 1, got {top_k}")
+        self.output, self.top_k, self.json = output, top_k, json
+        self.written: Path | None = None
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        if trainer.predict_loop.num_dataloaders > 1:
+            predictions, batch_indices = predictions[0], batch_indices[:1]  # the data modules here have one
+        probs = torch.cat([p.float() for p in predictions]) if predictions else torch.empty(0, 1)  # on the CPU
+        indices = [i for batch in (batch_indices[0] if batch_indices else []) for i in batch]
+        if len(indices) != len(probs):  # a loader without Lightning's index tracking: only one process runs it
+            indices = list(range(len(probs)))
+        values, classes = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
+        local = (np.asarray(indices, dtype=np.int64), values.numpy(), classes.numpy())
+        parts = [local]
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, local)
+        if trainer.is_global_zero:
+            dataset = trainer.predict_dataloaders.dataset if isinstance(trainer.predict_dataloaders, DataLoader) \
+                else trainer.predict_dataloaders[0].dataset
+            self.written = self._write(trainer, pl_module, dataset, parts)
+        trainer.strategy.barrier()
+
+    def _write(self, trainer, pl_module, dataset, parts) -> Path:
+        names = pl_module.class_names
+        rows: dict[int, tuple] = {}
+        for indices, values, classes in parts:
+            for index, value, cls in zip(indices.tolist(), values.tolist(), classes.tolist(), strict=True):
+                rows[index] = (value, cls)  # a sampler that pads with repeats gives the same row twice
+        paths = getattr(dataset, "paths", None) or [path for path, _ in getattr(dataset, "samples", [])] or None
+        targets = getattr(dataset, "targets", None)
+        k = min(self.top_k, len(names))
+        fixed = ["index"] + (["path"] if paths else []) + (["target"] if targets is not None else [])
+        header = fixed + [f"{field}{j}" for j in range(1, k + 1) for field in ("class", "prob")]
+        records = []
+        for index in sorted(rows):
+            value, cls = rows[index]
+            record = {"index": index}
+            if paths:
+                record["path"] = str(paths[index])
+            if targets is not None:
+                record["target"] = names[int(targets[index])]
+            record["top_k"] = [{"class": names[c], "prob": round(float(p), 6)}
+                               for p, c in zip(value, cls, strict=True)]
+            records.append(record)
+        output = Path(self.output) if self.output else Path(trainer.default_root_dir) / "predictions.csv"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for record in records:
+                writer.writerow([record[key] for key in fixed]
+                                + [x for top in record["top_k"] for x in (top["class"], f"{top['prob']:.6f}")])
+        say(f"{len(records)} predictions written to {output}")
+        if self.json:
+            json_path = output.with_suffix(".json")
+            json_path.write_text(json.dumps(records, indent=1) + "\n")
+            say(f"and to {json_path}")
+        return output

@@ -1,0 +1,297 @@
+"""Checkpoint files: finding a run's best or last one, reading and checking one before use, loading the trained
+module from one, and writing them (the run's `ModelCheckpoint` and an atomic writer).
+
+A run's checkpoints live in one folder (`checkpoint.dirpath`, by default `checkpoints/<name>/`): `epochNNN.ckpt`
+for the best epochs by the monitored metric and `last.ckpt`, rewritten after every epoch and, with
+`checkpoint.last_every_n_steps`, every N optimizer steps. Each file is written beside its target, fsynced and
+renamed over it, so a `kill -9` at any moment leaves the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from .console import say
+
+TMP_SUFFIX = ".convmixer-tmp"  # temporary checkpoint files: `.<name>.<pid>.convmixer-tmp` beside the target
+LAST = "last.ckpt"
+
+
+class CheckpointError(ValueError):
+    """A `--ckpt_path` that is not a usable checkpoint, or a checkpoint folder that cannot be written."""
+
+
+# -- finding -------------------------------------------------------------------------------------------------------
+
+def best_or_last(dirpath: Path) -> Path | None:
+    """The best checkpoint recorded in `last.ckpt` if it still exists, else `last.ckpt`, else None."""
+    last = dirpath / LAST
+    if not last.is_file():
+        return None
+    state = read_checkpoint(last)  # a damaged file: one line naming it, not a traceback
+    for key, value in state.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
+            best = Path(value["best_model_path"])
+            if best.is_file():
+                return best
+    return last
+
+
+def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, dirpath: Path) -> str | None:
+    """Turn `last`, `best` or nothing into a file of this run, so no command evaluates untrained weights."""
+    if ckpt_path is None and subcommand == "fit":
+        return None
+    if ckpt_path in (None, "best", "last"):
+        found = dirpath / LAST if ckpt_path == "last" else best_or_last(dirpath)
+        if found is not None and found.is_file():
+            say(f"{subcommand} uses {found}")
+            return str(found)
+        if subcommand == "fit":
+            say(f"--ckpt_path last: no {dirpath / LAST} yet, so training starts from scratch")
+            return None
+        raise CheckpointError(f"no checkpoint in {dirpath}/ to {subcommand}: train first with `convmixer fit` and "
+                              "the same --config/--name, or pass --ckpt_path <file.ckpt>")
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"--ckpt_path {ckpt_path}: no such file; pass a .ckpt written by `convmixer fit`, "
+                              "or `last`/`best`")
+    return ckpt_path
+
+
+# -- reading and checking ------------------------------------------------------------------------------------------
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load `path` as Lightning will (weights_only), turning every failure into a one-line CheckpointError.
+
+    Memory-mapped: only the headers are read until a tensor is used."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"--ckpt_path {path}: no such file; pass a .ckpt written by `convmixer fit`")
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # a pre-zipfile-format file
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError,
+            AttributeError, ImportError, IndexError, KeyError) as err:
+        reason = type(err).__name__ + (f": {' '.join(str(err).split())[:160]}" if str(err) else "")
+        raise CheckpointError(f"--ckpt_path {path} is not a checkpoint torch can read ({reason}); pass a .ckpt "
+                              "written by `convmixer fit`, or last/best") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"--ckpt_path {path} is not a Lightning checkpoint (it has no state_dict entry; a "
+                              "bare model state dict goes in model.pretrained instead); pass a .ckpt written by "
+                              "`convmixer fit`")
+    return checkpoint
+
+
+def check_hparams(path: str | os.PathLike, checkpoint: dict[str, Any], accepted: set[str]) -> dict[str, Any]:
+    """The checkpoint's hyper-parameters, if `convmixer fit` could have written them (names in `accepted`)."""
+    saved = dict(checkpoint.get("hyper_parameters") or {})
+    saved.pop("_instantiator", None)
+    if unknown := sorted(set(saved) - accepted):
+        raise CheckpointError(f"--ckpt_path {path} was written by another model (its hyper-parameters "
+                              f"{', '.join(unknown[:5])} are not ConvMixerClassifier's); pass a checkpoint written "
+                              "by `convmixer fit`")
+    return saved
+
+
+def check_resumable(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+    if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
+        raise CheckpointError(f"--ckpt_path {path} holds weights only (saved with checkpoint.save_weights_only), so "
+                              "training cannot resume from it; evaluate it with test/validate, or load it with "
+                              "model.pretrained and start a new fit")
+
+
+def check_compatible(path: str | os.PathLike, checkpoint: dict[str, Any], module: torch.nn.Module) -> None:
+    """Raise a CheckpointError naming the difference if `checkpoint` cannot load into `module` strictly."""
+    from .weights import WeightsError, load_state
+
+    saved, wanted = checkpoint["state_dict"], module.state_dict()
+    head = next((k for k in wanted if k.endswith("head.weight")), None)
+    stem = next((k for k in wanted if k.endswith("stem.0.weight")), None)
+    if head in saved and saved[head].shape[0] != wanted[head].shape[0]:
+        raise CheckpointError(f"--ckpt_path {path} was trained for {saved[head].shape[0]} classes but the data has "
+                              f"{wanted[head].shape[0]}; use the data set it was trained on, or start a new fit "
+                              "with model.pretrained to fine-tune its weights")
+    if stem in saved and saved[stem].shape[1] != wanted[stem].shape[1]:
+        raise CheckpointError(f"--ckpt_path {path} expects {saved[stem].shape[1]}-channel images but the data has "
+                              f"{wanted[stem].shape[1]}; use the data set it was trained on")
+    try:
+        load_state(module, saved)
+    except WeightsError as err:
+        raise CheckpointError(f"--ckpt_path {path} holds a different architecture than the model ({err}); pass "
+                              "a checkpoint of this model or drop the model options that differ") from err
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Create `folder` if needed and prove a file can be written there, or raise a one-line CheckpointError."""
+    if not _is_local_file_protocol(folder):
+        return
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise CheckpointError(f"{what} {folder} is a file, not a folder; choose another --checkpoint.dirpath or "
+                              "--name")
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = Path(folder) / f".convmixer-write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink(missing_ok=True)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise CheckpointError(f"{what} {folder} cannot be written ({reason}: {err.filename}); choose another "
+                              "--checkpoint.dirpath or --name") from err
+
+
+def load_module(path: str | os.PathLike):
+    """The trained `ConvMixerClassifier` of a `convmixer fit` checkpoint, on the CPU, in eval mode (one read)."""
+    import inspect
+
+    from .model import ConvMixer
+    from .module import ConvMixerClassifier
+
+    checkpoint = read_checkpoint(path)
+    accepted = set(inspect.signature(ConvMixerClassifier).parameters) | set(inspect.signature(ConvMixer).parameters)
+    hparams = check_hparams(path, checkpoint, accepted)
+    if not hparams:
+        raise CheckpointError(f"--ckpt_path {path} holds no hyper-parameters; pass a .ckpt written by "
+                              "`convmixer fit`")
+    module = ConvMixerClassifier(**{**hparams, "pretrained": None})  # the checkpoint holds the weights
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes local checkpoints beside their target, fsyncs, then renames: a crash leaves the old file or the new.
+
+    (Lightning's own writer stages the file in the system temp folder, which a rename cannot move atomically when
+    that folder is on another file system, and does not fsync.) Remote paths (s3://, ...) keep Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)  # makes the rename itself durable
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike | None) -> list[Path]:
+    """Delete temporary checkpoint files that dead processes left in `folder`; returns what was removed."""
+    removed = []
+    if folder and Path(folder).is_dir():
+        for leftover in Path(folder).glob(f".*.*{TMP_SUFFIX}"):
+            pid = leftover.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]
+            if pid.isdigit() and _alive(int(pid)):
+                continue  # still being written
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """The run's checkpoints: Lightning's `ModelCheckpoint` (best epochs by the monitored metric) whose last.ckpt
+    follows every epoch, improved or not, and optionally every N optimizer steps.
+
+    Lightning 2.6 rewrites last.ckpt only when it also writes a top-k file, so after an epoch that does not improve
+    the monitored metric `--ckpt_path last` would resume from the best epoch and redo the later ones. Its own
+    `every_n_train_steps` switches the epoch-end top-k saves off, hence `last_every_n_steps`.
+
+    Args:
+        last_every_n_steps: also rewrite last.ckpt every this many optimizer steps (never at step 0, once per step
+            under gradient accumulation); 0 keeps the epoch-end saves only. `--ckpt_path last` resumes mid-epoch
+            from it.
+    """
+
+    def __init__(self, *args, last_every_n_steps: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if last_every_n_steps < 0:
+            raise CheckpointError(f"checkpoint.last_every_n_steps must be >= 0, got {last_every_n_steps}")
+        self.last_every_n_steps = last_every_n_steps
+        self._saved_step: int | None = None  # the step of this callback's latest step save
+
+    @property
+    def state_key(self) -> str:  # checkpoints keep a plain ModelCheckpoint's key (best_or_last reads it)
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            for leftover in remove_stale_temporaries(self.dirpath):
+                say(f"removed {leftover}, a partial checkpoint left by a killed run")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if self.last_every_n_steps and step > 0 and step % self.last_every_n_steps == 0 and self._saved_step != step:
+            self.write_last(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips if saved at this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def write_last(self, trainer) -> str:
+        """Write last.ckpt now (a step save, or a stop on a signal) unless this step's save was already written."""
+        path = os.path.join(self.dirpath or trainer.default_root_dir, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        if self._saved_step != trainer.global_step:
+            self.last_model_path = path  # part of the saved state: the resumed run keeps writing this file
+            trainer.save_checkpoint(path, weights_only=False)
+            self._saved_step = trainer.global_step
+        return path
+
+    def existing_checkpoint(self) -> str | None:
+        """The newest checkpoint this run wrote that is still on disk, for messages after a failure."""
+        for path in (self.last_model_path, self.best_model_path):
+            if path and os.path.isfile(path):
+                return path
+        return None

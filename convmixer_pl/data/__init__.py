@@ -1,0 +1,19 @@
+"""Data: one data module per kind of data set, each in a file of its own; a new data module goes here too.
+
+- `base`: what every data module shares (loaders, samplers, MixUp/CutMix, the resumable training position).
+- `augment`: augmentation options (`Augmentation`) and the per-image pipelines.
+- `device`: CIFAR's device-resident pipeline, augmented in batches where the model runs.
+- `images`: which files are images, and reading them.
+- `digits` (offline default), `cifar` (CIFAR-10/100), `folders` (image folders, and folders to predict).
+"""
+
+from .augment import CIFAR_SCRIPT, Augmentation, eval_transform
+from .base import DataError, ImageDataModule
+from .cifar import CIFAR_MEAN, CIFAR_STD, CIFARDataModule
+from .digits import DigitsDataModule
+from .folders import IMAGENET_MEAN, IMAGENET_STD, FolderPredictDataModule, ImageFolderDataModule
+from .images import read_image
+
+__all__ = ["CIFAR_MEAN", "CIFAR_SCRIPT", "CIFAR_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Augmentation",
+           "CIFARDataModule", "DataError", "DigitsDataModule", "FolderPredictDataModule", "ImageDataModule",
+           "ImageFolderDataModule", "eval_transform", "read_image"]

@@ -1,0 +1,153 @@
+"""Image pipelines of the paper's recipes, built from torchvision.transforms.v2, and their options.
+
+Training, per image: RandomResizedCrop -> horizontal flip -> RandAugment -> ColorJitter -> float + normalize ->
+RandomErasing (the order of the CIFAR-10 script and of timm's ImageNet pipeline). Per batch, after the transfer to
+the device: MixUp or CutMix (`Augmentation.batch_mixer`). Evaluation: resize to `image_size / crop_pct`, center
+crop. `Augmentation` holds every training option once; each data module has its own defaults
+(`data.augment.*` keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torchvision.transforms import v2
+
+from .base import DataError
+
+Interpolation = Literal["bilinear", "bicubic"]
+TrainInterpolation = Literal["bilinear", "bicubic", "random"]
+EraseMode = Literal["const", "pixel"]
+
+
+def _mode(name: str | v2.InterpolationMode) -> v2.InterpolationMode:
+    return name if isinstance(name, v2.InterpolationMode) else v2.InterpolationMode(name)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation; a step whose strength is 0 is left out.
+
+    Args:
+        scale: RandomResizedCrop's range of the crop's area, as a fraction of the image's.
+        ratio: RandomResizedCrop's range of the crop's aspect ratio.
+        hflip: Probability of a horizontal flip.
+        interpolation: Crop resampling; `random` picks bilinear or bicubic per image (timm's
+            `--train-interpolation random`).
+        ra_num_ops: RandAugment operations per image (0: off).
+        ra_magnitude: RandAugment magnitude, out of `ra_magnitude_bins - 1`: torchvision's default of 31 bins is
+            what the CIFAR-10 script used; timm's `m9` means 9/10, i.e. `ra_magnitude_bins: 11`.
+        ra_magnitude_bins: RandAugment magnitude bins.
+        ra_interpolation: Resampling of RandAugment's geometric operations (torchvision's default `nearest` in the
+            CIFAR-10 script; timm: bilinear or bicubic).
+        color_jitter: ColorJitter strength for brightness, contrast and saturation (0: off).
+        re_prob: RandomErasing probability (0: off).
+        re_mode: RandomErasing fill: `const` fills with 0 after normalization (the CIFAR-10 script), `pixel` with
+            per-pixel normal noise (timm's `--remode pixel`).
+        mixup_alpha: MixUp's Beta(alpha, alpha) (0: off).
+        cutmix_alpha: CutMix's Beta(alpha, alpha) (0: off).
+        mix_switch_prob: With both on, the probability of CutMix rather than MixUp for a batch.
+        mix_prob: Probability of mixing a batch at all.
+    """
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    interpolation: TrainInterpolation = "bilinear"
+    ra_num_ops: int = 0
+    ra_magnitude: int = 9
+    ra_magnitude_bins: int = 31
+    ra_interpolation: Literal["nearest", "bilinear", "bicubic"] = "nearest"
+    color_jitter: float = 0.0
+    re_prob: float = 0.0
+    re_mode: EraseMode = "const"
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_switch_prob: float = 0.5
+    mix_prob: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", tuple(self.scale))
+        object.__setattr__(self, "ratio", tuple(self.ratio))
+        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]):
+            raise DataError(f"data.augment.scale {self.scale} must be 0 < low <= high <= 1 and data.augment.ratio "
+                             f"{self.ratio} 0 < low <= high")
+        if self.ra_num_ops < 0 or self.ra_magnitude_bins < 2 or not 0 <= self.ra_magnitude < self.ra_magnitude_bins:
+            raise DataError(f"data.augment.ra_num_ops ({self.ra_num_ops}) must be >= 0 and data.augment.ra_magnitude "
+                             f"({self.ra_magnitude}) in [0, data.augment.ra_magnitude_bins - 1 = "
+                             f"{self.ra_magnitude_bins - 1}]")
+        if self.color_jitter < 0:
+            raise DataError(f"data.augment.color_jitter must be >= 0, got {self.color_jitter}")
+        if not 0 <= self.re_prob <= 1 or self.re_mode not in ("const", "pixel"):
+            raise DataError(f"data.augment.re_prob ({self.re_prob}) must be in [0, 1] and data.augment.re_mode "
+                             f"({self.re_mode!r}) 'const' or 'pixel'")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise DataError(f"data.augment.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("hflip", "mix_switch_prob", "mix_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise DataError(f"data.augment.{name} must be in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def per_image_only(self) -> bool:
+        """Whether a step runs only in the per-image pipeline (RandAugment, ColorJitter)."""
+        return bool(self.ra_num_ops or self.color_jitter)
+
+    def train_transform(self, image_size: int, mean, std) -> v2.Compose:
+        """The per-image training pipeline."""
+        def crop(mode: str) -> v2.RandomResizedCrop:
+            return v2.RandomResizedCrop(image_size, scale=self.scale, ratio=self.ratio, interpolation=_mode(mode),
+                                        antialias=True)
+
+        steps = [v2.ToImage(), v2.RandomChoice([crop("bilinear"), crop("bicubic")])
+                 if self.interpolation == "random" else crop(self.interpolation)]
+        if self.hflip > 0:
+            steps.append(v2.RandomHorizontalFlip(self.hflip))
+        if self.ra_num_ops > 0:
+            steps.append(v2.RandAugment(num_ops=self.ra_num_ops, magnitude=self.ra_magnitude,
+                                        num_magnitude_bins=self.ra_magnitude_bins,
+                                        interpolation=_mode(self.ra_interpolation)))
+        if self.color_jitter > 0:
+            c = self.color_jitter
+            steps.append(v2.ColorJitter(brightness=c, contrast=c, saturation=c))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        if self.re_prob > 0:
+            steps.append(v2.RandomErasing(p=self.re_prob, value="random" if self.re_mode == "pixel" else 0))
+        return v2.Compose(steps)
+
+    def batch_mixer(self, num_classes: int) -> v2.Transform | None:
+        """MixUp/CutMix on a whole batch `(images, labels) -> (images, soft labels)`, or None when both are off.
+
+        timm's semantics (the paper's `--mixup 0.5 --cutmix 0.5`): with both on, CutMix is chosen with probability
+        `mix_switch_prob`, else MixUp; either is applied to a batch with probability `mix_prob`. Label smoothing is
+        left to the loss (`F.cross_entropy(..., label_smoothing)` on the mixed one-hot targets gives timm's
+        smoothed mixed targets).
+        """
+        mixup = v2.MixUp(alpha=self.mixup_alpha, num_classes=num_classes) if self.mixup_alpha > 0 else None
+        cutmix = v2.CutMix(alpha=self.cutmix_alpha, num_classes=num_classes) if self.cutmix_alpha > 0 else None
+        if mixup and cutmix:
+            mixer = v2.RandomChoice([mixup, cutmix], p=[1 - self.mix_switch_prob, self.mix_switch_prob])
+        else:
+            mixer = mixup or cutmix
+        if mixer is None:
+            return None
+        return mixer if self.mix_prob >= 1 else v2.RandomApply([mixer], p=self.mix_prob)
+
+
+# RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and flip, nothing else: the image-folder default
+CROP_AND_FLIP = Augmentation()
+# The CIFAR-10 script's defaults: RandomResizedCrop(scale 0.75-1, ratio 1), flip, RandAugment(n 1, m 8 of 31 bins),
+# ColorJitter 0.1, RandomErasing 0.25 filled with 0.
+CIFAR_SCRIPT = Augmentation(scale=(0.75, 1.0), ratio=(1.0, 1.0), ra_num_ops=1, ra_magnitude=8, color_jitter=0.1,
+                            re_prob=0.25)
+
+
+def eval_transform(image_size: int, mean, std, crop_pct: float = 1.0,
+                   interpolation: Interpolation | v2.InterpolationMode = "bilinear") -> v2.Compose:
+    """Resize the short side to `image_size / crop_pct` and center-crop `image_size` (a no-op for images already
+    that size, such as CIFAR's 32 px ones at `image_size: 32`), then normalise."""
+    return v2.Compose([v2.ToImage(),
+                       v2.Resize(int(image_size / crop_pct), interpolation=_mode(interpolation), antialias=True),
+                       v2.CenterCrop(image_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

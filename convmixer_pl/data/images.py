@@ -1,0 +1,84 @@
+"""Image files: which files are images (PIL's own registry of formats), reading any of them as 8-bit RGB or grey,
+and leaving out the unreadable ones (`data.bad_images: skip`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image, ImageFile, ImageOps
+
+from .base import DataError
+
+
+def _image_extensions() -> frozenset[str]:
+    """The extensions of every format PIL can open (GIF, JFIF, TIFF, WebP, ...); stubs, which need a handler
+    installed by the user, are left out."""
+    Image.init()
+    def stub(factory) -> bool:
+        return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN and not stub(Image.OPEN[fmt][0]))
+
+
+IMAGE_EXTENSIONS = _image_extensions()
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    """Named like an image, and not hidden (macOS `._name.jpg`, `.DS_Store`)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files anywhere under `root`, sorted."""
+    return sorted(path for path in root.rglob("*") if is_image_name(path) and path.is_file())
+
+
+def read_image(path: str, mode: str = "RGB") -> Image.Image:
+    """Any image PIL reads, upright (EXIF orientation) and as 8-bit `mode` ("RGB" or "L"); a file it cannot read
+    raises a DataError naming it.
+
+    Grey, grey+alpha, palette, RGBA and CMYK convert with PIL (alpha is dropped, as torchvision does); 16- and
+    32-bit grey ("I;16", "I") scale to 8 bits instead of saturating at 255. An animated GIF or WebP gives its first
+    frame.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()  # decoded while the file is open: the image outlives the `with`
+            ImageOps.exif_transpose(image, in_place=True)  # camera JPEGs: upright as displayed; no copy
+            if image.mode.startswith("I"):
+                values = np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8
+                return Image.fromarray(values.astype(np.uint8)).convert(mode)
+            if image.mode == "F":
+                return Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8)).convert(mode)
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # what PIL asks for before dropping a palette's transparency
+            return image if image.mode == mode else image.convert(mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path} ({err}); replace or delete it (in an image folder, "
+                        "data.bad_images: skip leaves unreadable files out)") from err
+
+
+def readable(paths: Iterable[str]) -> list[str | None]:
+    """For each file, None if it decodes, else the reason it does not (every file decoded once, in threads)."""
+    def problem(path: str) -> str | None:
+        try:
+            read_image(path)
+            return None
+        except DataError as err:
+            return str(err).split(";")[0]
+
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        return list(pool.map(problem, paths))
+
+
+def warn_left_out(problems: list[str], total: int, where: Path) -> None:
+    if problems:
+        rank_zero_warn(f"data.bad_images skip: left out {len(problems)} of {total} files in {where} "
+                       f"(first: {problems[0]})")

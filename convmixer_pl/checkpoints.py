@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,13 @@ class RunCheckpoint(ModelCheckpoint):
     @property
     def state_key(self) -> str:  # checkpoints keep a plain ModelCheckpoint's key (best_or_last reads it)
         return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        with warnings.catch_warnings():
+            if self.dirpath and not any(Path(self.dirpath).glob("*.ckpt")):
+                # the folder holds the run's logs but no checkpoint to overwrite: Lightning's warning is noise
+                warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:

@@ -8,9 +8,11 @@ tools (`convmixer export|plots|serve|benchmark`).
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -224,8 +226,10 @@ class ConvMixerCLI(LightningCLI):
             callbacks.append(LearningRateMonitor())
         if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary)
                                                                          for c in callbacks):
-            # Lightning's own choice, Rich where installed, one level deeper: stem, blocks, pooling, head
+            # Lightning's own choice, Rich where installed, one level deeper: stem, blocks, pooling, head; the
+            # Trainer's own default summary is then switched off (else it says it skipped it)
             callbacks.append(RichModelSummary(max_depth=2) if _RICH_AVAILABLE else ModelSummary(max_depth=2))
+            kwargs.setdefault("enable_model_summary", False)
         kwargs.setdefault("callbacks", callbacks)
         if not trainer.get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
@@ -271,7 +275,17 @@ def _run_cli(args) -> None:
         sys.exit(128 + signal.SIGTERM)
 
 
+def quiet_known_noise() -> None:
+    """Leave out what Lightning and torch print that a user of this command cannot act on: the tips to install
+    Lightning's cloud services, and a deprecation inside Lightning's own code."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.getMessage()).startswith("💡 Tip:"))
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+
+
 def main(args: list[str] | None = None) -> None:
+    quiet_known_noise()
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in TOOLS:
         import importlib

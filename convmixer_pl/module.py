@@ -62,6 +62,9 @@ class ConvMixerClassifier(L.LightningModule):
         interpolation: Evaluation resize interpolation.
             The CLI links these five (and in_chans, num_classes, image_size) from the data module; every
             checkpoint stores them, so `predict`, `serve` and exports preprocess new images as in training.
+        tta: Test-time augmentation of validate, test and predict (timm's `--tta`): `flip` scores each image by
+            the mean logits of the image and its mirror. An evaluation choice, not part of the trained model: it
+            is not stored in checkpoints, so `--model.tta flip` applies to any checkpoint.
     """
 
     def __init__(
@@ -81,10 +84,14 @@ class ConvMixerClassifier(L.LightningModule):
         std: tuple[float, ...] | None = None,
         crop_pct: float | None = None,
         interpolation: str | None = None,
+        tta: Literal["none", "flip"] = "none",
         **model_args: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["tta"])
+        if tta not in ("none", "flip"):
+            raise ValueError(f"model.tta must be 'none' or 'flip', got {tta!r}")
+        self.tta = tta
         self.model = ConvMixer(**model_args)
         # the whole architecture, ConvMixer's defaults included, so every checkpoint states it
         arch = inspect.signature(ConvMixer).bind(**model_args)
@@ -183,9 +190,15 @@ class ConvMixerClassifier(L.LightningModule):
         self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
         return loss
 
+    def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The logits validate, test and predict score images by: with `tta: flip`, those of the image and its
+        mirror, averaged."""
+        logits = self(images)
+        return (logits + self(images.flip(-1))) / 2 if self.tta == "flip" else logits
+
     def _evaluate(self, batch, stage: str) -> torch.Tensor:
         images, targets = batch
-        logits = self(images)
+        logits = self.evaluation_logits(images)
         loss = F.cross_entropy(logits, targets)
         self.eval_loss[stage].update(loss, weight=targets.shape[0])
         self.log(f"{stage}/loss", self.eval_loss[stage], prog_bar=stage == "val")
@@ -203,7 +216,7 @@ class ConvMixerClassifier(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(images).softmax(dim=1)
+        return self.evaluation_logits(images).softmax(dim=1)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         strategy = self.trainer.strategy

@@ -3,9 +3,9 @@ the depthwise kernels and patch-embedding filters as grids.
 
     convmixer plots --ckpt_path checkpoints/digits/last.ckpt --out docs/images   (or python -m convmixer_pl.plots)
 
-The kernel and filter grids need only torchvision. The curves and the confusion matrix need matplotlib
-(`pip install "convmixer-pl[plots]"`); without it they are skipped with a note, and the confusion matrix is still
-saved as `confusion_matrix.csv`. `convmixer fit` writes the first three through `callbacks.PlotWriter` and
+The kernel and filter grids need only torchvision. The curves and the confusion matrix need matplotlib (a
+dependency); without it they are skipped with a note, and the confusion matrix is still saved as
+`confusion_matrix.csv`. `convmixer fit` writes the first three through `callbacks.PlotWriter` and
 `convmixer test` the confusion matrix through `callbacks.PerClassReport`.
 """
 
@@ -27,7 +27,7 @@ from .model import ConvMixer
 
 CURVES, CONFUSION, KERNELS, FILTERS = ("training_curves.png", "confusion_matrix.png", "depthwise_kernels.png",
                                        "patch_embeddings.png")
-MATPLOTLIB_MISSING = 'matplotlib is not installed (pip install "convmixer-pl[plots]")'
+MATPLOTLIB_MISSING = "matplotlib is not installed (pip install matplotlib)"
 
 
 def has_matplotlib() -> bool:

@@ -20,11 +20,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIGS
+from conftest import CONFIGS, TINY_DIGITS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from convmixer_pl.checkpoints import RunCheckpoint
-from convmixer_pl.cli import main
+from convmixer_pl.checkpoints import RunCheckpoint, load_module
+from convmixer_pl.cli import ConvMixerCLI, main
 from convmixer_pl.data import CIFARDataModule, DigitsDataModule, ImageDataModule, ImageFolderDataModule
 from convmixer_pl.model import ConvMixer
 from convmixer_pl.module import ConvMixerClassifier
@@ -246,3 +246,22 @@ def test_digits_config_trains_and_test_without_ckpt_path_uses_its_checkpoint(dig
     assert used is not None, digits.test.stderr
     assert Path(used.group(1)).resolve().parent == (digits.cwd / "checkpoints" / "digits").resolve()
     assert _metrics(digits.test.stdout)["test/acc1"] >= 0.95  # untrained weights score about 0.1
+
+
+def test_flip_tta_applies_to_a_checkpoint_from_the_command_line(digits_run, tmp_path):
+    """`convmixer test --ckpt_path X --model.tta flip`: the checkpoint's hyper-parameters win over the command line
+    (Lightning's rule), but tta is not one of them, so the flip is used; the metrics are the flipped ones."""
+    ckpt = digits_run / "last.ckpt"
+    where = ["--trainer.default_root_dir", str(tmp_path), "--report.enabled", "false"]
+    plain = ConvMixerCLI(args=["test", *TINY_DIGITS, "--ckpt_path", str(ckpt), *where])
+    flipped = ConvMixerCLI(args=["test", *TINY_DIGITS, "--ckpt_path", str(ckpt), "--model.tta", "flip", *where])
+    assert flipped.model.tta == "flip"
+    module = load_module(ckpt)
+    data = DigitsDataModule(image_size=8, batch_size=1000)
+    data.setup("test")
+    images, targets = next(iter(data.test_dataloader()))
+    with torch.no_grad():
+        logits = (module(images) + module(images.flip(-1))) / 2
+    expected = (logits.argmax(1) == targets).float().mean().item()
+    assert flipped.trainer.callback_metrics["test/acc1"].item() == pytest.approx(expected, abs=1e-6)
+    assert flipped.trainer.callback_metrics["test/loss"] != plain.trainer.callback_metrics["test/loss"]

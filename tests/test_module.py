@@ -85,3 +85,16 @@ def test_training_loss_is_label_smoothed():
         loss = module.training_step((images, targets), 0)
     assert loss == pytest.approx(expected.item(), rel=1e-5)
     assert loss != pytest.approx(F.nll_loss(log_probs, targets).item(), rel=1e-3)
+
+
+def test_flip_tta_scores_the_mean_logits_of_image_and_mirror_and_is_not_a_stored_hyperparameter():
+    torch.manual_seed(0)
+    module = _tiny(tta="flip").eval()
+    images = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        expected = (module(images) + module(images.flip(-1))) / 2
+        torch.testing.assert_close(module.evaluation_logits(images), expected, rtol=0, atol=0)
+        assert not torch.allclose(module.evaluation_logits(images), module(images))
+    assert "tta" not in module.hparams  # an evaluation choice: `--model.tta` applies to any checkpoint
+    with pytest.raises(ValueError, match="model.tta"):
+        _tiny(tta="five-crop")

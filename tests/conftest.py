@@ -1,4 +1,5 @@
-"""Shared fixtures: small data sets in their real on-disk formats, and a runner for the `convmixer` command."""
+"""Shared fixtures: small data sets in their real on-disk formats, the real CIFAR-10 JPEGs where they are, and
+runners for the `convmixer` command (installed, and in this process)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +128,39 @@ def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images") / "images")
 
 
+def cifar10_jpg_archive() -> Path:
+    """Where the real CIFAR-10 JPEGs are (train/<class>/*.jpg, test/<class>/*.jpg): beside the repository in CI,
+    or wherever CONVMIXER_CIFAR10_JPG says. Never copied into the repository."""
+    return Path(os.environ.get("CONVMIXER_CIFAR10_JPG") or REPO / ".." / "shared" / "data" / "cifar10-jpg.tar.gz")
+
+
+CIFAR10_JPG_TRAIN_PER_CLASS = 30
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpg(tmp_path_factory) -> Path:
+    """The real CIFAR-10 JPEGs, extracted once per session: all 10,000 of test/ and the first 30 of each class of
+    train/ in the archive (4 s on two cores; all 60,000 take 15 s). Skips where the archive is absent. Don't modify
+    it."""
+    archive = cifar10_jpg_archive()
+    if not archive.is_file():
+        pytest.skip(f"the real CIFAR-10 JPEGs are not at {archive} (set CONVMIXER_CIFAR10_JPG to the .tar.gz)")
+    root = tmp_path_factory.mktemp("cifar10-jpg")
+    taken: Counter = Counter()
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12: no paths outside root
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = member.name.removeprefix("./").split("/")
+            if not member.isfile() or parts[0] not in ("train", "test"):
+                continue
+            if parts[0] == "train":
+                taken[parts[1]] += 1
+                if taken[parts[1]] > CIFAR10_JPG_TRAIN_PER_CLASS:
+                    continue
+            tar.extract(member, root, **safe)
+    return root
+
+
 def convmixer_command() -> str:
     """The installed `convmixer` script: beside the running interpreter (a virtual environment's bin/, which need
     not be activated), else on PATH."""
@@ -151,6 +187,28 @@ def run_convmixer(*args: str, cwd: Path, timeout: float = 900, env: dict | None 
 def convmixer():
     """The `run_convmixer(*args, cwd=...)` runner, for tests that drive the command end to end."""
     return run_convmixer
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    """`convmixer ARGS` in this process (the console script's own entry point, without a subprocess's seconds):
+    the exit code (0 when it returned) and stderr."""
+    from convmixer_pl.cli import main
+
+    try:
+        main([str(arg) for arg in args])
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+def folder_args(root: Path, *extra: str) -> list[str]:
+    """An image folder at 16 px and a tiny ConvMixer, loading in this process, quietly."""
+    return ["--data", "ImageFolderDataModule", "--data.root", str(root), "--data.image_size", "16",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--data.pin_memory", "false",
+            "--data.persistent_workers", "false", "--model.dim", "8", "--model.depth", "1", "--model.kernel_size", "3",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--plots.enabled", "false", *map(str, extra)]
 
 
 # a tiny ConvMixer on 8 px digits: fast to train, test, predict with and export

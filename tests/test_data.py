@@ -1,4 +1,5 @@
-"""Data modules on small data in the real formats: CIFAR pickles, PNG/JPEG folders, scikit-learn's digits."""
+"""Data modules on small data in the real formats: CIFAR pickles, image folders (their layouts: test_folders.py),
+scikit-learn's digits."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import CIFAR10_CLASSES, write_image_folder
+from conftest import (
+    CIFAR10_CLASSES,
+)
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -18,7 +21,6 @@ from convmixer_pl.data import (
     CIFARDataModule,
     DataError,
     DigitsDataModule,
-    ImageFolderDataModule,
     read_image,
 )
 
@@ -127,59 +129,6 @@ def test_cifar_missing_folder_names_it(tmp_path):
     with pytest.raises(DataError, match="cifar-10-batches-py") as info:
         dm.setup("fit")
     assert "\n" not in str(info.value)
-
-
-def _folder(root, **kwargs) -> ImageFolderDataModule:
-    return ImageFolderDataModule(root=str(root), **{"image_size": 24, "batch_size": 4, **LOADER, **kwargs})
-
-
-def test_image_folder_reads_png_and_jpeg_of_any_size(image_folder):
-    dm = _folder(image_folder)
-    assert (dm.class_names, dm.num_classes, dm.in_chans) == (["cat", "dog", "owl"], 3, 3)
-    dm.setup("fit")
-    dm.setup("test")
-    for dataset in (dm.train_set, dm.val_set, dm.test_set):
-        assert len(dataset) == 12
-        assert {path.rsplit(".", 1)[1] for path, _ in dataset.samples} == {"png", "jpg", "jpeg"}
-        for path, label in dataset.samples:
-            assert path.split("/")[-2] == dm.class_names[label]
-        for image, _ in dataset:
-            assert image.shape == (3, 24, 24) and image.dtype == torch.float32
-    images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (4, 3, 24, 24) and labels.dtype == torch.int64
-
-
-def test_image_folder_evaluation_is_deterministic_and_normalised(image_folder):
-    dm = _folder(image_folder, image_size=16, crop_pct=1.0)
-    dm.setup("validate")
-    first, second = dm.val_set[0][0], dm.val_set[0][0]
-    assert torch.equal(first, second)
-    # the cat images are one colour plus noise: the normalised mean of each channel says which colour
-    colour = torch.tensor([0.0, 255.0, 40.0]) / 255
-    mean, std = torch.tensor(dm.mean), torch.tensor(dm.std)
-    assert torch.allclose(first.mean(dim=(1, 2)), (colour - mean) / std, atol=0.25)
-
-
-def test_image_folder_mismatched_classes(tmp_path):
-    write_image_folder(tmp_path, classes=("cat", "dog", "owl"), splits=("train", "test"))
-    write_image_folder(tmp_path, classes=("cat", "dog"), splits=("val",))
-    dm = _folder(tmp_path)
-    with pytest.raises(DataError, match="val") as info:
-        dm.setup("fit")
-    assert "owl" in str(info.value)
-
-
-def test_image_folder_missing_splits(tmp_path):
-    write_image_folder(tmp_path, splits=("train", "val"))
-    dm = _folder(tmp_path)
-    dm.setup("fit")
-    with pytest.raises(DataError, match="test"):
-        dm.setup("test")
-    write_image_folder(tmp_path / "no_train", splits=("val", "test"))
-    with pytest.raises(DataError, match="train"):
-        _folder(tmp_path / "no_train")
-    with pytest.raises(DataError, match="does not exist"):
-        _folder(tmp_path / "absent")
 
 
 def _digits(seed=0, **kwargs) -> DigitsDataModule:

@@ -17,7 +17,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, write_image_folder
+from conftest import CONFIGS, folder_args, write_image_folder
+from conftest import run_main as run
 from PIL import Image
 
 from convmixer_pl.cli import main
@@ -27,24 +28,6 @@ DIGITS = ["--config", str(CONFIGS / "digits.yaml"), "--model.dim", "8", "--model
           "--model.kernel_size", "3", "--data.image_size", "8", "--trainer.enable_progress_bar", "false",
           "--trainer.enable_model_summary", "false", "--plots.enabled", "false"]
 ONE_STEP = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--checkpoint.last_every_n_steps", "1"]
-
-
-def folder_args(root: Path, *extra: str) -> list[str]:
-    return ["--data", "ImageFolderDataModule", "--data.root", str(root), "--data.image_size", "16",
-            "--data.batch_size", "4", "--data.num_workers", "0", "--data.pin_memory", "false",
-            "--data.persistent_workers", "false", "--model.dim", "8", "--model.depth", "1", "--model.kernel_size", "3",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--plots.enabled", "false", *extra]
-
-
-def run(capsys, *args) -> tuple[int, str]:
-    """`convmixer ARGS` in this process: exit code (0 when it returned) and stderr."""
-    try:
-        main([str(arg) for arg in args])
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
 
 
 def error_line(code: int, err: str, *needles: str) -> str:
@@ -84,15 +67,39 @@ def test_missing_data_root(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
-def test_missing_split_folder(capsys, tmp_path, digits_ckpt, split):
+def test_missing_split_folder(capsys, tmp_path, split):
+    """fit needs train/; without val/ it validates on a held-out part of train/, and without test/ `test` uses val/
+    (ImageNet's layout), each said in one line."""
     root = write_image_folder(tmp_path / "images", splits=[s for s in ("train", "val", "test") if s != split])
-    if split == "test":  # read by `convmixer test`, with a checkpoint of this folder's 3 classes
-        code, err = run(capsys, "fit", *folder_args(root, *ONE_STEP, "--checkpoint.dirpath", tmp_path / "run"))
-        assert code == 0, err[-3000:]
-        code, err = run(capsys, "test", *folder_args(root, "--ckpt_path", tmp_path / "run" / "last.ckpt"))
-    else:
-        code, err = run(capsys, "fit", *folder_args(root, *ONE_STEP))
-    error_line(code, err, str(root / split), "is missing")
+    code, err = run(capsys, "fit", *folder_args(root, *ONE_STEP, "--checkpoint.dirpath", tmp_path / "run"))
+    if split == "train":
+        error_line(code, err, f"{root / 'train'} is missing: fit needs {root}/train/<class name>/ folders",
+                   "convmixer validate|test|predict --ckpt_path")
+        return
+    assert code == 0, err[-3000:]
+    held_out = (f"convmixer: no {root / 'val'}: validating on 1 of the 12 images of {root / 'train'}, held out from "
+                "training (data.val_fraction 0.1, data.seed 0)")
+    assert (held_out in err.splitlines()) == (split == "val"), err[-3000:]
+    code, err = run(capsys, "test", *folder_args(root, "--ckpt_path", tmp_path / "run" / "last.ckpt"))
+    assert code == 0, err[-3000:]
+    on_val = f"convmixer: no {root / 'test'}: testing on {root / 'val'} (12 images)"
+    assert (on_val in err.splitlines()) == (split == "test"), err[-3000:]
+
+
+def test_nothing_to_evaluate_on(capsys, tmp_path):
+    root = write_image_folder(tmp_path / "images", splits=("train",))
+    code, err = run(capsys, "fit", *folder_args(root, *ONE_STEP, "--data.val_fraction", "0"))
+    error_line(code, err, f"{root} has neither val/ nor test/ and data.val_fraction is 0: nothing to validate on",
+               f"add {root / 'val'}/<class name>/ folders, or set data.val_fraction above 0")
+
+
+def test_class_folder_the_checkpoint_does_not_know(capsys, tmp_path, digits_ckpt):
+    """A root without train/ is evaluated with the checkpoint's classes (digits: 0 to 9), by folder name."""
+    root = write_image_folder(tmp_path / "images", classes=("3", "7", "cat"), splits=("val",))
+    code, err = run(capsys, "validate", *folder_args(root, "--ckpt_path", digits_ckpt))
+    error_line(code, err, f"{root / 'val'} has class folder(s) [cat] that the model does not",
+               f"{root / 'val'} has [3, 7, cat], the model [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]",
+               "rename or remove those folders")
 
 
 def test_class_folder_without_images(capsys, tmp_path):

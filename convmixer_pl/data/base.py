@@ -35,10 +35,12 @@ class DataError(ValueError):
 
 
 class TensorImageDataset(Dataset):
-    """uint8 images (N, C, H, W) held in memory, with a per-sample transform."""
+    """uint8 images (N, C, H, W) held in memory, with a per-sample transform; `paths`, the files they were decoded
+    from, if any (the prediction writer names them)."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform=None) -> None:
-        self.images, self.targets, self.transform = images, targets, transform
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform=None,
+                 paths: list[str] | None = None) -> None:
+        self.images, self.targets, self.transform, self.paths = images, targets, transform, paths
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -86,7 +88,14 @@ class SeededAugmentation(Dataset):
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Loader settings shared by every data module (each passes its `**loader` options here)."""
+    """Loader settings shared by every data module (each passes its `**loader` options here).
+
+    A data module whose splits are `TensorImageDataset`s can set `gpu_pipeline`: its loaders are then
+    `DeviceLoader`s (`convmixer_pl.data.device`) that hold each split on the training device and augment whole
+    batches there with its `augment`, `image_size`, `mean` and `std`.
+    """
+
+    gpu_pipeline = False
 
     def __init__(
         self,
@@ -139,7 +148,26 @@ class ImageDataModule(L.LightningDataModule):
                           pin_memory=pin, persistent_workers=self.persistent_workers,
                           generator=torch.Generator().manual_seed(self.seed), **kwargs)
 
+    def _device_loader(self, dataset: TensorImageDataset, train: bool = False):
+        """`data.gpu_pipeline`'s loader of one split: its uint8 images on the training device, batch-augmented
+        for training, resized and normalised for evaluation."""
+        from .device import BatchAugment, BatchEval, DeviceLoader  # here: through augment.py it imports this module
+
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        replicas, rank = self._shard()
+        if train:
+            transform = BatchAugment.from_augmentation(self.augment, self.image_size, self.mean, self.std)
+        else:
+            transform = BatchEval(self.image_size, self.mean, self.std)
+        return DeviceLoader(dataset.images, dataset.targets, self.batch_size, device, transform,
+                            shuffle=train, drop_last=train and len(dataset) > self.batch_size,
+                            seed=self.seed, num_replicas=replicas, rank=rank,
+                            sampler=None if train else self._eval_sampler(dataset))
+
     def train_dataloader(self):
+        if self.gpu_pipeline:
+            return self._resume(self._device_loader(self.train_set, train=True))
         replicas, rank = self._shard()
         sampler = EpochSampler(self.train_set, num_replicas=replicas, rank=rank, seed=self.seed)
         loader = self._loader(SeededAugmentation(self.train_set, self.seed), sampler,
@@ -161,12 +189,17 @@ class ImageDataModule(L.LightningDataModule):
                                             shuffle=False)
 
     def val_dataloader(self):
+        if self.gpu_pipeline:
+            return self._device_loader(self.val_set)
         return self._loader(self.val_set, self._eval_sampler(self.val_set))
 
     def test_dataloader(self):
+        if self.gpu_pipeline:
+            return self._device_loader(self.test_set)
         return self._loader(self.test_set, self._eval_sampler(self.test_set))
 
     def predict_dataloader(self):
+        # per image even with gpu_pipeline: one pass, whose sample indices Lightning tracks for the prediction writer
         return self._loader(self.test_set)
 
     # -- the training position in checkpoints --------------------------------------------------------------------

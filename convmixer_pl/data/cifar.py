@@ -12,7 +12,7 @@ from torchvision import datasets
 from ..console import say
 from .augment import CIFAR_SCRIPT, Augmentation, eval_transform
 from .base import DataError, ImageDataModule, TensorImageDataset, fraction_split
-from .device import BatchAugment, BatchEval, DeviceLoader
+from .device import BatchAugment
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 # the label names of the released archives (batches.meta, meta), known before a download
@@ -54,18 +54,18 @@ def _label_names(root: str, dataset: str) -> list[str]:
 class CIFARDataModule(ImageDataModule):
     """CIFAR-10/100 in torchvision's on-disk format (`<root>/cifar-10-batches-py/` or `<root>/cifar-100-python/`).
 
-    Validation is a seeded `val_fraction` split of the training set; the official test set is the test set. With
-    `val_fraction: 0` the whole training set trains and the test set also serves as validation (the official
-    script's setting).
+    Validation is a seeded `val_fraction` split of the training set (CIFAR has no validation set of its own); the
+    official test set is the test set. With `val_fraction: 0` the whole training set trains and the test set also
+    serves as validation (the official script's setting), said in one line. `ImageFolderDataModule` gives
+    `val_fraction` the same meaning for a folder without `val/`.
 
     Augmentation defaults are the CIFAR-10 script's (`data.augment.*`): RandomResizedCrop (scale 0.75-1, ratio 1),
     flip, RandAugment (`ra_num_ops` 1, `ra_magnitude` 8), ColorJitter 0.1, RandomErasing 0.25; MixUp/CutMix are off.
 
-    `gpu_pipeline: true` holds every split on the training device as uint8 and does the crop, flip, normalization
-    and erasing there in batches (`convmixer_pl.data.device`): no loader workers, no per-image Python. RandAugment
-    and ColorJitter exist only in the per-image pipeline, so it needs `ra_num_ops: 0` and `color_jitter: 0`.
-    Prediction keeps the per-image loader: one pass, whose sample indices Lightning tracks for the prediction
-    writer.
+    `gpu_pipeline: true` holds every split on the training device as uint8 and augments whole batches there
+    (`convmixer_pl.data.device`): no loader workers, no per-image Python. An augmentation step the device pipeline
+    does not do is refused in one line when the data module is built. Prediction keeps the per-image loader: one
+    pass, whose sample indices Lightning tracks for the prediction writer.
     """
 
     def __init__(
@@ -80,6 +80,18 @@ class CIFARDataModule(ImageDataModule):
         gpu_pipeline: bool = False,
         **loader,
     ) -> None:
+        """
+        Args:
+            root: The folder that holds `cifar-10-batches-py/` or `cifar-100-python/`.
+            dataset: cifar10 or cifar100.
+            download: Download the archive into `root` if it is not there.
+            verify_checksums: Compare the files' md5 with the released archives' (false for a subset).
+            val_fraction: Fraction of the training images held out (seeded by `seed`) for validation; 0: train on
+                all of them and validate on the test set.
+            image_size: Training and evaluation size (CIFAR's images are 32 px).
+            augment: Training augmentation.
+            gpu_pipeline: Hold every split on the training device as uint8 and augment whole batches there.
+        """
         super().__init__(**loader)
         if dataset not in ("cifar10", "cifar100"):
             raise DataError(f"data.dataset must be 'cifar10' or 'cifar100', got {dataset!r}")
@@ -93,7 +105,7 @@ class CIFARDataModule(ImageDataModule):
         self.mean, self.std = CIFAR_MEAN, CIFAR_STD
         self.mixer = augment.batch_mixer(self.num_classes)
         if gpu_pipeline:
-            BatchAugment.from_augmentation(augment, image_size, self.mean, self.std)  # refuses per-image steps
+            BatchAugment.from_augmentation(augment, image_size, self.mean, self.std)  # refuses what it cannot do
 
     def _load(self, train: bool) -> datasets.CIFAR10:
         cls = _cifar_class(self.dataset, self.verify_checksums)
@@ -135,27 +147,3 @@ class CIFARDataModule(ImageDataModule):
             self.val_set = self.test_set
             if stage in ("fit", None):
                 say(f"data.val_fraction 0: validating on the {len(test_targets)} test images")
-
-    def _device_loader(self, dataset: TensorImageDataset, train: bool = False) -> DeviceLoader:
-        trainer = self.trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        replicas, rank = self._shard()
-        if train:
-            transform = BatchAugment.from_augmentation(self.augment, self.image_size, self.mean, self.std)
-        else:
-            transform = BatchEval(self.image_size, self.mean, self.std)
-        return DeviceLoader(dataset.images, dataset.targets, self.batch_size, device, transform,
-                            shuffle=train, drop_last=train and len(dataset) > self.batch_size,
-                            seed=self.seed, num_replicas=replicas, rank=rank,
-                            sampler=None if train else self._eval_sampler(dataset))
-
-    def train_dataloader(self):
-        if self.gpu_pipeline:
-            return self._resume(self._device_loader(self.train_set, train=True))
-        return super().train_dataloader()
-
-    def val_dataloader(self):
-        return self._device_loader(self.val_set) if self.gpu_pipeline else super().val_dataloader()
-
-    def test_dataloader(self):
-        return self._device_loader(self.test_set) if self.gpu_pipeline else super().test_dataloader()

@@ -1,5 +1,6 @@
 """Image files: which files are images (PIL's own registry of formats), reading any of them as 8-bit RGB or grey,
-and leaving out the unreadable ones (`data.bad_images: skip`)."""
+leaving out the unreadable ones (`data.bad_images: skip`), and decoding a whole folder into memory once
+(`data.gpu_pipeline`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, ImageFile, ImageOps
+from torchvision.transforms.v2.functional import pil_to_tensor
 
+from ..console import say
 from .base import DataError
 
 
@@ -65,6 +69,10 @@ def read_image(path: str, mode: str = "RGB") -> Image.Image:
                         "data.bad_images: skip leaves unreadable files out)") from err
 
 
+def _threads() -> int:
+    return min(32, os.cpu_count() or 1)  # PIL decodes and torch resizes without holding the GIL
+
+
 def readable(paths: Iterable[str]) -> list[str | None]:
     """For each file, None if it decodes, else the reason it does not (every file decoded once, in threads)."""
     def problem(path: str) -> str | None:
@@ -74,8 +82,29 @@ def readable(paths: Iterable[str]) -> list[str | None]:
         except DataError as err:
             return str(err).split(";")[0]
 
-    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=_threads()) as pool:
         return list(pool.map(problem, paths))
+
+
+def decode_all(paths: list[str], mode: str, transform, where: str) -> torch.Tensor:
+    """Every image read once (in threads) as a uint8 (C, H, W) tensor and `transform`ed to one shape: a uint8
+    (N, C, H, W) tensor in the order of `paths`, said in one line. An unreadable file raises its DataError, naming
+    it."""
+    def decode(index: int) -> torch.Tensor:
+        return transform(pil_to_tensor(read_image(paths[index], mode)))
+
+    first = decode(0)
+    images = torch.empty((len(paths), *first.shape), dtype=torch.uint8)
+    images[0] = first
+    say(f"decoding the {len(paths)} images of {where} into memory at {first.shape[-1]} px "
+        f"({images.numel() / 2**20:.0f} MiB)")
+
+    def put(index: int) -> None:
+        images[index] = decode(index)
+
+    with ThreadPoolExecutor(max_workers=_threads()) as pool:
+        list(pool.map(put, range(1, len(paths))))  # list(): re-raises the first error
+    return images
 
 
 def warn_left_out(problems: list[str], total: int, where: Path) -> None:

@@ -1,5 +1,6 @@
 """The device-resident CIFAR pipeline, run with the device being the CPU: same outputs and statistics as the
-per-image torchvision pipeline it replaces."""
+per-image torchvision pipeline it replaces. RandAugment and ColorJitter: every op, per image, equals torchvision's
+uint8 kernel exactly, and the draws follow torchvision's laws."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from convmixer_pl.callbacks import PredictionWriter
 from convmixer_pl.data import CIFAR_MEAN, CIFAR_STD, Augmentation, CIFARDataModule, DataError
+from convmixer_pl.data.augment import CIFAR_SCRIPT
+from convmixer_pl.data.batched_ops import OPS, SIGNED, BatchColorJitter, BatchRandAugment
 from convmixer_pl.data.device import (
     BatchAugment,
     BatchEval,
@@ -189,9 +192,12 @@ def test_cifar_gpu_pipeline_matches_the_cpu_pipeline(cifar_root):
     assert torch.equal(val_targets, cpu_targets)
 
 
-def test_cifar_gpu_pipeline_refuses_per_image_only_augmentation(cifar_root):
-    with pytest.raises(DataError, match="data.augment.ra_num_ops"):
-        CIFARDataModule(root=str(cifar_root), gpu_pipeline=True)
+def test_cifar_gpu_pipeline_takes_the_scripts_augmentation_and_bicubic_randaugment_is_refused(cifar_root):
+    CIFARDataModule(root=str(cifar_root), gpu_pipeline=True)  # the script's RandAugment and ColorJitter: accepted
+    # torchvision's tensor RandAugment cannot resample bicubic (it fails at its first geometric op, mid-training):
+    # refused when the options are read, for both pipelines
+    with pytest.raises(DataError, match="data.augment.ra_interpolation 'bicubic'.*nearest or bilinear"):
+        Augmentation(ra_num_ops=1, ra_interpolation="bicubic")
 
 
 def test_fit_with_the_gpu_pipeline(cifar_root):
@@ -205,6 +211,21 @@ def test_fit_with_the_gpu_pipeline(cifar_root):
     assert trainer.global_step == 10
     assert trainer.train_dataloader.sampler.epoch == 1  # Lightning advanced the shuffling like a DataLoader's
     assert "val/acc1" in trainer.callback_metrics
+
+
+def test_fit_with_the_gpu_pipeline_and_the_scripts_randaugment_and_jitter(cifar_root):
+    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_fraction=0.2, batch_size=16,
+                         num_workers=0, gpu_pipeline=True)  # the default augmentation: CIFAR_SCRIPT
+    assert dm.augment == CIFAR_SCRIPT and CIFAR_SCRIPT.ra_num_ops == 1 and CIFAR_SCRIPT.color_jitter == 0.1
+    model = ConvMixerClassifier(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10, image_size=32)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 5
+    transform = trainer.train_dataloader.transform
+    assert transform.randaugment.num_ops == 1 and transform.randaugment.magnitude == 8
+    assert transform.color_jitter.ranges == ((0.9, 1.1),) * 3
+    assert math.isfinite(trainer.callback_metrics["train/loss_epoch"])
 
 
 def test_cifar_evaluates_at_image_size_on_both_pipelines(cifar_root):
@@ -243,3 +264,204 @@ def test_normalize_matches_torchvision_and_builds_its_statistics_once():
     assert normalize._tensors.keys() == made.keys() == {(images.device, torch.float32)}
     assert all(a is b for a, b in zip(normalize._tensors[images.device, torch.float32],
                                       made[images.device, torch.float32], strict=True))  # no new copy per batch
+
+
+# --- RandAugment and ColorJitter, batched: torchvision's uint8 kernels value for value, and its laws of draws ---
+
+TV_SPACE = v2.RandAugment._AUGMENTATION_SPACE  # torchvision's own table of ops, magnitudes and signs
+
+
+def _ranged_images(n: int, height: int = 32, width: int = 32, seed: int = 0) -> torch.Tensor:
+    """uint8 images whose channels span random sub-ranges (so autocontrast and equalize have work to do), and a
+    constant, a gray, a two-valued and a full-range image among them."""
+    g = _gen(seed)
+    low = torch.randint(0, 200, (n, 3, 1, 1), generator=g)
+    span = torch.randint(1, 256, (n, 3, 1, 1), generator=g)
+    images = (low + torch.rand(n, 3, height, width, generator=g) * span).clamp(0, 255).to(torch.uint8)
+    images[0] = 77
+    images[1] = images[1, :1]
+    images[2] = torch.where(torch.rand(3, height, width, generator=g) < 0.3, 10, 200).to(torch.uint8)
+    images[3] = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
+    return images
+
+
+def _tv_magnitude(name: str, magnitude: int, bins: int, height: int, width: int, negative: bool) -> float:
+    """What torchvision's RandAugment passes to op `name`, computed from its own table."""
+    magnitudes, signed = TV_SPACE[name]
+    values = magnitudes(bins, height, width)
+    value = 0.0 if values is None else float(values[magnitude])
+    return -value if signed and negative else value
+
+
+def _tv_op(image: torch.Tensor, name: str, magnitude: float, interpolation: str = "nearest") -> torch.Tensor:
+    tv = v2.RandAugment(interpolation=interpolation)
+    return tv._apply_image_or_video_transform(image, name, magnitude, interpolation=tv.interpolation, fill=tv._fill)
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("size, magnitude, bins, interpolation", [
+    ((32, 32), 8, 31, "nearest"),  # the CIFAR-10 script's
+    ((32, 32), 12, 31, "bilinear"),  # the 25/100-epoch recipes' magnitude
+    ((20, 28), 30, 31, "nearest"),  # not square (height and width apart), the largest magnitude
+    ((20, 28), 9, 11, "bilinear"),  # timm's m9
+    ((32, 32), 0, 31, "nearest"),  # magnitude 0: rotate's identity fast path, solarize at 255, posterize 8 bits
+])
+def test_each_randaugment_op_equals_torchvision_per_image(name, size, magnitude, bins, interpolation):
+    # exact: every op does torchvision's uint8 float32 arithmetic in the same order (addcmul for its fused
+    # `add_(alpha=)`, the same matrix and grid for the affine ones), then its truncation to integers
+    images = _ranged_images(16, *size)
+    ra = BatchRandAugment(1, magnitude, bins, interpolation)
+    negative = torch.arange(16) % 2 == 1
+    for gather in (True, False):
+        out = ra.apply(images.float(), torch.full((16,), OPS.index(name)), negative, gather=gather)
+        assert out.dtype == torch.float32
+        for k in range(16):
+            ref = _tv_op(images[k], name, _tv_magnitude(name, magnitude, bins, *size, bool(negative[k])), interpolation)
+            assert torch.equal(out[k], ref.float()), (name, k, gather)
+
+
+def test_randaugment_applies_each_images_own_ops_in_turn():
+    images = _ranged_images(64)
+    ra = BatchRandAugment(2, 12, 31, "nearest")
+    ops, negative = ra.sample(64, _gen(3))
+    assert len(set(ops[0].tolist())) == len(OPS)  # one batch mixes every op
+    out = ra(images.float(), _gen(3))
+    where = images.float()
+    for slot in range(2):
+        where = ra.apply(where, ops[slot], negative[slot], gather=False)
+    assert torch.equal(out, where)  # the CPU's gathering and the devices' torch.where agree
+    for k in range(64):
+        ref = images[k]
+        for slot in range(2):
+            name = OPS[ops[slot, k]]
+            ref = _tv_op(ref, name, _tv_magnitude(name, 12, 31, 32, 32, bool(negative[slot, k])))
+        assert torch.equal(out[k], ref.float()), k
+
+
+@pytest.mark.parametrize("magnitude, bins", [(8, 31), (9, 11)])
+def test_randaugment_draws_follow_torchvision(monkeypatch, magnitude, bins):
+    ra = BatchRandAugment(2, magnitude, bins)
+    ops, negative = ra.sample(N, _gen())
+    tv = v2.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=bins)
+    seen = []
+    monkeypatch.setattr(tv, "_apply_image_or_video_transform",
+                        lambda image, name, value, **kwargs: seen.append((name, value)) or image)
+    torch.manual_seed(0)
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    for _ in range(3000):
+        tv(image)
+    theirs = torch.tensor([OPS.index(name) for name, _ in seen])
+    p = 1 / len(OPS)
+    se = math.sqrt(p * (1 - p) / ops.numel()) + math.sqrt(p * (1 - p) / len(theirs))
+    ours_freq = torch.bincount(ops.flatten(), minlength=len(OPS)).double() / ops.numel()
+    theirs_freq = torch.bincount(theirs, minlength=len(OPS)).double() / len(theirs)
+    assert (ours_freq - theirs_freq).abs().max() < 4 * se  # uniform over the same 14 ops
+    assert (ours_freq - p).abs().max() < 4 * math.sqrt(p * (1 - p) / ops.numel())
+    assert abs(negative.double().mean() - 0.5) < 4 * 0.5 / math.sqrt(negative.numel())
+    # the magnitudes: per op, what torchvision applied is what we apply for the two signs
+    table = ra.magnitudes(32, 32)
+    for k, name in enumerate(OPS):
+        values = {value for seen_name, value in seen if seen_name == name}
+        assert values == set(table[k]), name
+        if name in SIGNED:
+            negative_share = sum(value < 0 for seen_name, value in seen if seen_name == name) / sum(
+                seen_name == name for seen_name, _ in seen)
+            assert abs(negative_share - 0.5) < 0.1, name
+            assert table[k][1] == -table[k][0] != 0 or magnitude == 0
+
+
+def _tv_jitter_params(factors: torch.Tensor, order: torch.Tensor, k: int, active=(True, True, True)) -> dict:
+    """torchvision's ColorJitter parameters for image k: its order (hue, id 3, last and off) and factors."""
+    b, c, s = (float(f) if on else None for f, on in zip(factors[k], active, strict=True))
+    return dict(fn_idx=torch.tensor(order[k].tolist() + [3]), brightness_factor=b, contrast_factor=c,
+                saturation_factor=s, hue_factor=None)
+
+
+@pytest.mark.parametrize("strengths", [(0.1, 0.1, 0.1), (0.4, 0.4, 0.4), (1.5, 1.5, 1.5), (0.3, 0.0, 0.2)])
+def test_color_jitter_equals_torchvision_per_image(strengths):
+    images = _ranged_images(48)
+    jitter = BatchColorJitter(*strengths)
+    factors, order = jitter.sample(48, _gen(1))
+    out = jitter.apply(images.float(), factors, order)
+    tv = v2.ColorJitter(*(x or None for x in strengths))
+    active = tuple(x > 0 for x in strengths)  # an adjustment at strength 0: factor 1, an exact no-op here
+    for k in range(48):
+        ref = tv.transform(images[k], _tv_jitter_params(factors, order, k, active))
+        assert torch.equal(out[k], ref.float()), k
+
+
+def test_color_jitter_factors_and_order_follow_torchvision():
+    jitter = BatchColorJitter(0.1, 0.1, 0.1)
+    tv = v2.ColorJitter(0.1, 0.1, 0.1)
+    assert jitter.ranges == (tv.brightness, tv.contrast, tv.saturation)
+    factors, order = jitter.sample(N, _gen())
+    assert factors.dtype == torch.float32 and factors.shape == (N, 3)
+    assert (factors >= 0.9).all() and (factors <= 1.1).all()
+    assert (factors.amin(0) < 0.901).all() and (factors.amax(0) > 1.099).all()  # uniform over the whole range
+    assert ((factors.double().mean(0) - 1).abs() < 4 * 0.2 / math.sqrt(12 * N)).all()
+    assert abs(torch.corrcoef(factors.T.double())[0, 1]) < 0.05  # independent per adjustment
+    assert BatchColorJitter(1.5, 1.5, 1.5).ranges == ((0.0, 2.5),) * 3 == (v2.ColorJitter(1.5).brightness,) * 3
+    # the order: a permutation per image, the six equally likely, as torchvision's randperm per call
+    assert (order.sort(1).values == torch.arange(3)).all()
+    code = order[:, 0] * 9 + order[:, 1] * 3 + order[:, 2]
+    counts = torch.bincount(code, minlength=27)[code.unique()]
+    assert len(counts) == 6 and len(order[:64].unique(dim=0)) == 6  # varied within one batch too
+    torch.manual_seed(0)
+    tv_orders = [tuple(i for i in tv.make_params([])["fn_idx"].tolist() if i < 3) for _ in range(6000)]
+    tv_share = torch.tensor([tv_orders.count(o) for o in sorted(set(tv_orders))]).double() / len(tv_orders)
+    share = counts.double() / N
+    assert ((share - 1 / 6).abs() < 4 * math.sqrt(5 / 36 / N)).all()
+    assert ((share - tv_share).abs() < 4 * (math.sqrt(5 / 36 / N) + math.sqrt(5 / 36 / 6000))).all()
+
+
+def test_batch_augment_equals_torchvisions_pipeline_given_the_same_draws(monkeypatch):
+    # crop of the whole image and a flip every time: RandAugment and jitter see the image as torchvision's do
+    images = _ranged_images(24)
+    augment = BatchAugment(32, CIFAR_MEAN, CIFAR_STD, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0, ra_num_ops=2,
+                           ra_magnitude=12, color_jitter=0.4)
+    draws = {}
+    for key, step in (("ra", augment.randaugment), ("jitter", augment.color_jitter)):
+        monkeypatch.setattr(step, "sample", lambda n, g, key=key, sample=step.sample: draws.setdefault(
+            key, sample(n, g)))
+    out = augment(images, _gen(5))
+    assert out.shape == (24, 3, 32, 32) and out.dtype == torch.float32
+    (ops, negative), (factors, order) = draws["ra"], draws["jitter"]
+    jitter = v2.ColorJitter(0.4, 0.4, 0.4)
+    finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    for k in range(24):
+        ref = TF.horizontal_flip(images[k])  # crop, flip, RandAugment, jitter, float, normalize: the CPU order
+        for slot in range(2):
+            name = OPS[ops[slot, k]]
+            ref = _tv_op(ref, name, _tv_magnitude(name, 12, 31, 32, 32, bool(negative[slot, k])))
+        ref = finish(jitter.transform(ref, _tv_jitter_params(factors, order, k)))
+        torch.testing.assert_close(out[k], ref, atol=1e-6, rtol=0)
+
+
+def test_batch_augment_with_randaugment_and_jitter_is_reproducible():
+    images = _ranged_images(64)
+    augment = BatchAugment.from_augmentation(CIFAR_SCRIPT, 32, CIFAR_MEAN, CIFAR_STD)
+    assert augment.randaugment is not None and augment.color_jitter is not None and augment.erase_prob == 0.25
+    out = augment(images, _gen(7))
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32 and out.device == images.device
+    assert torch.equal(out, augment(images, _gen(7))) and not torch.equal(out, augment(images, _gen(8)))
+    assert torch.equal(images, _ranged_images(64))  # the stored split is not written to
+    # un-normalised, the images not erased lie on torchvision's uint8 grid
+    values = (out * torch.tensor(CIFAR_STD)[:, None, None] + torch.tensor(CIFAR_MEAN)[:, None, None]) * 255
+    on_grid = ((values - values.round()).abs() < 1e-3).flatten(1).all(1)
+    assert on_grid.double().mean() > 0.5 and (values > -1e-3).all() and (values < 255 + 1e-3).all()
+    plain = BatchAugment.from_augmentation(Augmentation(scale=(0.75, 1.0), ratio=(1.0, 1.0), ra_num_ops=2,
+                                                        ra_magnitude=12, ra_interpolation="bilinear"), 32,
+                                           CIFAR_MEAN, CIFAR_STD)
+    assert plain.color_jitter is None and plain.randaugment.interpolation == "bilinear"
+
+
+def test_rounded_crop_is_torchvisions_uint8_crop_within_one_level():
+    # with RandAugment or jitter on, the float crop is rounded to uint8 values; torchvision's uint8 resampling
+    # computes in fixed point and rounds some values the other way: at most one level apart
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=_gen())
+    boxes = sample_crops(40, 32, 32, (0.5, 1.0), (3 / 4, 4 / 3), _gen())
+    out = resized_crop(images.float(), boxes, 32).round()
+    for k in range(40):
+        top, left, h, w = boxes[k].tolist()
+        ref = TF.resized_crop(images[k], top, left, h, w, [32, 32], antialias=True).float()
+        assert (out[k] - ref).abs().max() <= 1

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     augmentation = None
     if args.augmentation:
         augmentation = augmentation_rates(device, setup.batch_size)
-        print(f"augmentation (CIFAR 32 px: crop 0.75-1, flip, erasing 0.25), images/s: per-image torchvision "
+        print(f"augmentation (the CIFAR-10 script's, 32 px), images/s: per-image torchvision "
               f"{augmentation[0]:.0f} (one process), batched on {device.type} {augmentation[1]:.0f} "
               f"(batch {setup.batch_size})")
     if args.json:

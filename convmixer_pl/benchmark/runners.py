@@ -188,14 +188,14 @@ def measure(runner: str, phase: str, setup: Setup, device: torch.device, pool, w
 
 
 def augmentation_rates(device: torch.device, batch_size: int, n: int = 2048) -> tuple[float, float]:
-    """images/s of the CIFAR training augmentation (crop scale 0.75-1, flip, erasing 0.25; no RandAugment or
-    jitter): torchvision's per-image pipeline in this process (a DataLoader worker's work), and the batched
-    device pipeline (`convmixer_pl.gpu_data`) on `device`."""
-    from ..data import CIFAR_MEAN, CIFAR_STD, Augmentation
+    """images/s of the CIFAR-10 script's training augmentation (`CIFAR_SCRIPT`: crop 0.75-1, flip, RandAugment n1
+    m8, ColorJitter 0.1, erasing 0.25): torchvision's per-image pipeline in this process (a DataLoader worker's
+    work), and the batched device pipeline (`convmixer_pl.data.device`) on `device`."""
+    from ..data import CIFAR_MEAN, CIFAR_SCRIPT, CIFAR_STD
     from ..data.device import BatchAugment
 
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    augment = Augmentation(scale=(0.75, 1.0), ratio=(1.0, 1.0), re_prob=0.25)
+    augment = CIFAR_SCRIPT
     per_image = augment.train_transform(32, CIFAR_MEAN, CIFAR_STD)
     start = time.perf_counter()
     for image in images[: n // 4]:

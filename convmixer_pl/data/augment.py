@@ -59,7 +59,7 @@ class Augmentation:
     ra_num_ops: int = 0
     ra_magnitude: int = 9
     ra_magnitude_bins: int = 31
-    ra_interpolation: Literal["nearest", "bilinear", "bicubic"] = "nearest"
+    ra_interpolation: Literal["nearest", "bilinear"] = "nearest"  # torchvision's tensor RandAugment has no bicubic
     color_jitter: float = 0.0
     re_prob: float = 0.0
     re_mode: EraseMode = "const"
@@ -78,6 +78,9 @@ class Augmentation:
             raise DataError(f"data.augment.ra_num_ops ({self.ra_num_ops}) must be >= 0 and data.augment.ra_magnitude "
                              f"({self.ra_magnitude}) in [0, data.augment.ra_magnitude_bins - 1 = "
                              f"{self.ra_magnitude_bins - 1}]")
+        if self.ra_interpolation not in ("nearest", "bilinear"):
+            raise DataError(f"data.augment.ra_interpolation {self.ra_interpolation!r}: torchvision's RandAugment on "
+                            "tensors resamples with nearest or bilinear only; set one of them")
         if self.color_jitter < 0:
             raise DataError(f"data.augment.color_jitter must be >= 0, got {self.color_jitter}")
         if not 0 <= self.re_prob <= 1 or self.re_mode not in ("const", "pixel"):
@@ -89,11 +92,6 @@ class Augmentation:
         for name in ("hflip", "mix_switch_prob", "mix_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise DataError(f"data.augment.{name} must be in [0, 1], got {getattr(self, name)}")
-
-    @property
-    def per_image_only(self) -> bool:
-        """Whether a step runs only in the per-image pipeline (RandAugment, ColorJitter)."""
-        return bool(self.ra_num_ops or self.color_jitter)
 
     def train_transform(self, image_size: int, mean, std) -> v2.Compose:
         """The per-image training pipeline."""

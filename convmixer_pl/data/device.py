@@ -1,12 +1,15 @@
 """A device-resident image pipeline: a whole split held where the model runs, augmented in batches there.
 
 The uint8 images (N, C, H, W) are copied to the device once; each batch is gathered by index and
-random-resized-cropped, flipped, normalised and randomly erased with batched tensor operations, so no
-per-image Python work and no host-to-device copies remain in the training loop. The random parameters follow
-torchvision's `v2.RandomResizedCrop`, `v2.RandomHorizontalFlip` and `v2.RandomErasing` draw for draw (ten tries,
-the same fallbacks), so the CPU and device pipelines share their augmentation semantics. One difference: crops
-are resized with bilinear sampling without antialiasing, which equals torchvision's output when a crop is
-enlarged (always the case for CIFAR at its own size) and is slightly sharper when a crop is shrunk.
+random-resized-cropped, flipped, RandAugment-ed, colour-jittered, normalised and randomly erased with batched tensor
+operations, so no per-image Python work and no host-to-device copies remain in the training loop. The random
+parameters follow torchvision's `v2.RandomResizedCrop`, `v2.RandomHorizontalFlip` and `v2.RandomErasing` draw for
+draw (ten tries, the same fallbacks), and `v2.RandAugment` and `v2.ColorJitter` in law (`batched_ops`: per image,
+the same ops, magnitudes and factors, computed value for value as torchvision's uint8 kernels compute them), so the
+CPU and device pipelines share their augmentation semantics. One difference: crops are resized with bilinear
+sampling without antialiasing, which equals torchvision's output when a crop is enlarged (always the case for CIFAR
+at its own size) and is slightly sharper when a crop is shrunk; rounded to uint8 values for RandAugment and
+ColorJitter, it is at most one level from torchvision's uint8 crop, which resamples in fixed point.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch.utils.data import Sampler
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from .augment import Augmentation
-from .base import DataError
+from .batched_ops import BatchColorJitter, BatchRandAugment
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -126,28 +129,33 @@ def erase(images: torch.Tensor, boxes: torch.Tensor, value: float | None = 0.0,
 
 
 class BatchAugment:
-    """Batched RandomResizedCrop -> RandomHorizontalFlip -> to float in [0, 1] -> Normalize -> RandomErasing.
+    """Batched RandomResizedCrop -> RandomHorizontalFlip -> RandAugment -> ColorJitter -> to float in [0, 1] ->
+    Normalize -> RandomErasing.
 
-    The order and parameters of the CPU pipeline (`erase_prob: 0` turns erasing off). `erase_value` None fills
-    with normal noise, like torchvision's `value="random"`.
+    The order and parameters of the CPU pipeline (`ra_num_ops: 0`, `color_jitter: 0`, `erase_prob: 0` turn steps
+    off). With RandAugment or ColorJitter on, the crop is rounded to integers, as torchvision's uint8 crop is, and
+    both work on those uint8 values as torchvision's uint8 kernels do. `erase_value` None fills with normal noise,
+    like torchvision's `value="random"`.
     """
 
     @classmethod
     def from_augmentation(cls, augment: Augmentation, image_size: int, mean: Sequence[float],
                           std: Sequence[float]) -> BatchAugment:
-        if augment.per_image_only:
-            raise DataError(f"data.gpu_pipeline does crop, flip and erasing on the device; RandAugment "
-                            f"(data.augment.ra_num_ops {augment.ra_num_ops}) and ColorJitter "
-                            f"(data.augment.color_jitter {augment.color_jitter}) run only per image: set both to 0, "
-                            "or data.gpu_pipeline: false")
         return cls(image_size, mean, std, augment.scale, augment.ratio, augment.hflip, erase_prob=augment.re_prob,
-                   erase_value=None if augment.re_mode == "pixel" else 0.0)
+                   erase_value=None if augment.re_mode == "pixel" else 0.0, ra_num_ops=augment.ra_num_ops,
+                   ra_magnitude=augment.ra_magnitude, ra_magnitude_bins=augment.ra_magnitude_bins,
+                   ra_interpolation=augment.ra_interpolation, color_jitter=augment.color_jitter)
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
                  scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                  erase_prob: float = 0.0, erase_scale: Sequence[float] = (0.02, 0.33),
-                 erase_ratio: Sequence[float] = (0.3, 3.3), erase_value: float | None = 0.0) -> None:
+                 erase_ratio: Sequence[float] = (0.3, 3.3), erase_value: float | None = 0.0, ra_num_ops: int = 0,
+                 ra_magnitude: int = 9, ra_magnitude_bins: int = 31, ra_interpolation: str = "nearest",
+                 color_jitter: float = 0.0) -> None:
         self.image_size, self.scale, self.ratio, self.hflip = image_size, tuple(scale), tuple(ratio), hflip
+        self.randaugment = (BatchRandAugment(ra_num_ops, ra_magnitude, ra_magnitude_bins, ra_interpolation)
+                            if ra_num_ops > 0 else None)
+        self.color_jitter = BatchColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
         self.normalize = Normalize(mean, std)
         self.erase_prob, self.erase_scale, self.erase_ratio = erase_prob, tuple(erase_scale), tuple(erase_ratio)
         self.erase_value = erase_value
@@ -156,7 +164,15 @@ class BatchAugment:
         n, _, height, width = images.shape
         boxes = sample_crops(n, height, width, self.scale, self.ratio, generator)
         flip = torch.rand(n, generator=generator, device=images.device) < self.hflip
-        out = resized_crop(images.float() / 255, boxes, self.image_size, flip)
+        if self.randaugment is None and self.color_jitter is None:
+            out = resized_crop(images.float() / 255, boxes, self.image_size, flip)
+        else:  # on uint8 values, as torchvision's per-image pipeline
+            out = resized_crop(images.float(), boxes, self.image_size, flip).round_()
+            if self.randaugment is not None:
+                out = self.randaugment(out, generator)
+            if self.color_jitter is not None:
+                out = self.color_jitter(out, generator)
+            out = out.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
         out = self.normalize(out)
         if self.erase_prob > 0:
             boxes = sample_erasing(n, self.image_size, self.image_size, self.erase_prob, self.erase_scale,
@@ -179,7 +195,7 @@ class Normalize:
             self._tensors[key] = tuple(torch.tensor(v, device=images.device, dtype=images.dtype)[None, :, None, None]
                                        for v in (self.mean, self.std))
         mean, std = self._tensors[key]
-        return (images - mean) / std
+        return images.sub(mean).div_(std)
 
 
 class BatchEval:

@@ -1,0 +1,302 @@
+"""RandAugment and ColorJitter for whole batches, with torchvision.transforms.v2's semantics on uint8 images.
+
+Images are float32 RGB tensors (N, 3, H, W) that hold uint8 values: integers in [0, 255]. Each operation computes what
+torchvision's uint8 kernel computes, with the same float32 arithmetic and the same truncation back to integers, so
+an image comes out as torchvision's would, value for value (the tests compare every operation per image). What is
+batched: every image has its own operation and parameters; the images of one operation are gathered and transformed
+together (the affine ones with one `grid_sample` of per-image matrices), or, off the CPU, every operation runs on the
+whole batch and `torch.where` keeps each image's own (no device-to-host synchronisation, more arithmetic). The random
+parameters are drawn for the whole batch at once from the generator given, on its device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# torchvision's RandAugment operations, in the order of its `_AUGMENTATION_SPACE` (the index is the op's id here)
+OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+       "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+SIGNED = frozenset(OPS[1:10])  # the ops whose magnitude gets a random sign
+INTERPOLATIONS = ("nearest", "bilinear")  # what torchvision's tensor RandAugment resamples with (bicubic: refused)
+
+
+def op_magnitudes(magnitude: int, num_bins: int, height: int, width: int) -> dict[str, float]:
+    """The magnitude torchvision's RandAugment gives each op at `magnitude` of `num_bins` bins, before the sign:
+    the bins' `torch.linspace` value, as the Python float it passes on (0.0 for the ops without one)."""
+    def at(values: torch.Tensor) -> float:
+        return float(values[magnitude])
+
+    return {"Identity": 0.0, "ShearX": at(torch.linspace(0.0, 0.3, num_bins)),
+            "ShearY": at(torch.linspace(0.0, 0.3, num_bins)),
+            "TranslateX": at(torch.linspace(0.0, 150.0 / 331.0 * width, num_bins)),
+            "TranslateY": at(torch.linspace(0.0, 150.0 / 331.0 * height, num_bins)),
+            "Rotate": at(torch.linspace(0.0, 30.0, num_bins)),
+            **{name: at(torch.linspace(0.0, 0.9, num_bins)) for name in ("Brightness", "Color", "Contrast",
+                                                                          "Sharpness")},
+            "Posterize": at((8 - (torch.arange(num_bins) / ((num_bins - 1) / 4))).round().int()),
+            "Solarize": at(torch.linspace(1.0, 0.0, num_bins)), "AutoContrast": 0.0, "Equalize": 0.0}
+
+
+def inverse_affine(center: tuple[float, float], angle: float, translate: tuple[float, float],
+                   shear: tuple[float, float]) -> list[float]:
+    """torchvision's `_get_inverse_affine_matrix` at scale 1, term for term (the same float64 rounding): the 2x3
+    matrix from output to input pixel coordinates, `center` relative to the image's centre."""
+    rot, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
+    (cx, cy), (tx, ty) = center, translate
+    cos_sy, tan_sx = math.cos(sy), math.tan(sx)
+    a = math.cos(rot - sy) / cos_sy
+    b = -(a * tan_sx + math.sin(rot))
+    c = math.sin(rot - sy) / cos_sy
+    d = math.cos(rot) - c * tan_sx
+    m = [d / 1.0, -b / 1.0, 0.0, -c / 1.0, a / 1.0, 0.0]
+    m[2] += cx - m[0] * (cx + tx) - m[1] * (cy + ty)
+    m[5] += cy - m[3] * (cx + tx) - m[4] * (cy + ty)
+    return m
+
+
+def _op_matrix(name: str, magnitude: float, height: int, width: int) -> list[float]:
+    """The matrix torchvision's RandAugment resamples with for a geometric op (the identity for the others)."""
+    if name in ("ShearX", "ShearY"):  # sheared about the top-left corner (torchvision's center=[0, 0])
+        shear = math.degrees(math.atan(magnitude))
+        return inverse_affine((-width * 0.5, -height * 0.5), 0.0, (0.0, 0.0),
+                              (shear, 0.0) if name == "ShearX" else (0.0, shear))
+    if name == "TranslateX":
+        return inverse_affine((0.0, 0.0), 0.0, (float(int(magnitude)), 0.0), (0.0, 0.0))
+    if name == "TranslateY":
+        return inverse_affine((0.0, 0.0), 0.0, (0.0, float(int(magnitude))), (0.0, 0.0))
+    if name == "Rotate":  # F.rotate: the angle taken modulo 360, and negated for the affine matrix
+        return inverse_affine((0.0, 0.0), -(magnitude % 360), (0.0, 0.0), (0.0, 0.0))
+    return [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def affine(images: torch.Tensor, theta: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
+    """Resample each image with its own inverse matrix, as torchvision's tensor `affine`/`rotate` (fill 0, then
+    rounded to integers): `theta` (N, 3, 2) is torchvision's matrix transposed and divided by half the image size,
+    applied to the output's pixel centres."""
+    n, _, height, width = images.shape
+    base = torch.empty(1, height, width, 3, dtype=images.dtype, device=images.device)
+    base[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, device=images.device))
+    base[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height,
+                                      device=images.device).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    grid = base.view(1, height * width, 3).expand(n, -1, -1).bmm(theta).view(n, height, width, 2)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False).round_()
+
+
+def _as_images(values: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, 1, 1, 1)
+
+
+def one_minus(factor: torch.Tensor) -> torch.Tensor:
+    """`1 - factor` as torchvision computes it from a Python float factor: in float64, then to float32."""
+    return (1.0 - factor.double()).float()
+
+
+def blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision's uint8 `_blend`, one factor per image: `image * factor + other * alpha` (alpha: 1 - factor),
+    clamped to [0, 255] and floored (what `.to(torch.uint8)` does there). `addcmul` adds `other * alpha` with one
+    rounding, like torchvision's `add_(other, alpha=...)`. `out` may be `images`."""
+    out = torch.mul(images, _as_images(factor), out=out)
+    return out.addcmul_(other, _as_images(alpha)).clamp_(0, 255).floor_()
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's luma of uint8 RGB images, floored: (N, 1, H, W)."""
+    r, g, b = images.unbind(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze_(1).floor_()
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """torchvision's: `image * factor`, clamped and floored (`alpha` unused: the signature of the other three)."""
+    return (images * _as_images(factor)).clamp_(0, 255).floor_()
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return blend(images, grayscale(images), factor, alpha)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return blend(images, grayscale(images).mean(dim=(-3, -2, -1), keepdim=True), factor, alpha)
+
+
+def adjust_sharpness(images: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """torchvision's: the interior blended with a 3x3 blur (1s around a 5, /13, rounded); the border kept."""
+    n, c, height, width = images.shape
+    if height <= 2 or width <= 2:
+        return images
+    a, b = 1.0 / 13.0, 5.0 / 13.0
+    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], dtype=images.dtype, device=images.device)
+    blurred = F.conv2d(images, kernel.expand(c, 1, 3, 3), groups=c).round_()
+    inner = images[..., 1:-1, 1:-1]
+    out = images.clone()
+    out[..., 1:-1, 1:-1] = torch.addcmul(inner, blurred.sub_(inner), _as_images(alpha)).clamp_(0, 255).floor_()
+    return out
+
+
+def posterize(images: torch.Tensor, bits: int) -> torch.Tensor:
+    """Keep the `bits` high bits of each value (torchvision's `image & mask` on uint8)."""
+    if bits >= 8:
+        return images
+    step = float(2 ** (8 - bits))
+    return images.mul(1.0 / step).floor_().mul_(step)
+
+
+def solarize(images: torch.Tensor, threshold: float) -> torch.Tensor:
+    """torchvision's: the values at or above `threshold` inverted (compared in float32, as it compares)."""
+    return torch.where(images >= threshold, 255.0 - images, images)
+
+
+def autocontrast(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's: each channel of each image stretched from its min..max to 0..255 (constant ones kept)."""
+    low = images.amin(dim=(-2, -1), keepdim=True)
+    high = images.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low
+    inv_scale = torch.where(flat, 1.0, (high - low).mul_(1.0 / 255))
+    low = torch.where(flat, 0.0, low)
+    return (images - low).div_(inv_scale).clamp_(0, 255).floor_()
+
+
+def equalize(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's (PIL's) histogram equalization of each channel of each image, with batched histograms."""
+    flat = images.flatten(2).long()  # (N, C, H * W)
+    hist = flat.new_zeros(flat.shape[:2] + (256,)).scatter_add_(2, flat, torch.ones_like(flat))
+    cum = hist.cumsum(2)
+    # PIL's step: the pixels below the channel's top value, / 255; no equalization where it is 0
+    step = (flat.shape[2] - hist.gather(2, cum.argmax(2, keepdim=True))).div_(255, rounding_mode="floor")
+    lut = (cum[..., :-1] + step // 2).div_(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
+    lut = torch.cat([torch.zeros_like(lut[..., :1]), lut], dim=2)
+    equalized = lut.gather(2, flat).view(images.shape).to(images.dtype)
+    return torch.where((step != 0).unsqueeze(-1), equalized, images)
+
+
+class BatchRandAugment:
+    """`v2.RandAugment(num_ops, magnitude, num_magnitude_bins, interpolation)` on a batch of uint8-valued float
+    images: per image and per op slot, an op drawn uniformly from `OPS` and a sign (negative with probability 1/2)
+    for the signed ones, at torchvision's magnitude for `magnitude` of the bins; fill 0 for the geometric ops."""
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31,
+                 interpolation: str = "nearest") -> None:
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"RandAugment on tensors resamples with {' or '.join(INTERPOLATIONS)}, not "
+                             f"{interpolation!r}")
+        if num_ops < 0 or num_magnitude_bins < 2 or not 0 <= magnitude < num_magnitude_bins:
+            raise ValueError(f"num_ops {num_ops} must be >= 0 and magnitude {magnitude} in [0, {num_magnitude_bins})")
+        self.num_ops, self.magnitude, self.num_bins = num_ops, magnitude, num_magnitude_bins
+        self.interpolation = interpolation
+        values = op_magnitudes(magnitude, num_magnitude_bins, 1, 1)  # these two do not depend on the size
+        self.bits, self.threshold = int(values["Posterize"]), 255 * values["Solarize"]
+        self._tables: dict[tuple[torch.device, int, int], tuple[torch.Tensor, ...]] = {}
+        self._groups: tuple[tuple[int, int, Callable], ...] = (  # op ids first..last, and what they do
+            (1, 5, self._geometric), (6, 6, self._enhance(adjust_brightness)),
+            (7, 7, self._enhance(adjust_saturation)), (8, 8, self._enhance(adjust_contrast)),
+            (9, 9, self._enhance(adjust_sharpness)), (10, 10, lambda x, variant: posterize(x, self.bits)),
+            (11, 11, lambda x, variant: solarize(x, self.threshold)), (12, 12, lambda x, variant: autocontrast(x)),
+            (13, 13, lambda x, variant: equalize(x)))
+
+    def magnitudes(self, height: int, width: int) -> list[tuple[float, float]]:
+        """Per op (the order of `OPS`), the magnitude torchvision passes to it with a positive and a negative
+        sign."""
+        values = op_magnitudes(self.magnitude, self.num_bins, height, width)
+        return [(values[name], -values[name] if name in SIGNED else values[name]) for name in OPS]
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ops (num_ops, n), long ids into `OPS`, and their signs (num_ops, n), True for negative."""
+        device = generator.device
+        ops = torch.randint(len(OPS), (self.num_ops, n), generator=generator, device=device)
+        negative = torch.rand((self.num_ops, n), generator=generator, device=device) <= 0.5  # torchvision's test
+        return ops, negative
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """RandAugment on `images`, which it may overwrite (pass a copy to keep them)."""
+        ops, negative = self.sample(images.shape[0], generator)
+        for op, neg in zip(ops, negative, strict=True):
+            images = self.apply(images, op, neg)
+        return images
+
+    def apply(self, images: torch.Tensor, op: torch.Tensor, negative: torch.Tensor,
+              gather: bool | None = None) -> torch.Tensor:
+        """One op per image: `op` (N,) ids into `OPS`, `negative` (N,) signs. `gather` (default: on the CPU)
+        transforms only the images of each op, found with `nonzero`; else every op runs on the whole batch and
+        `torch.where` picks (no synchronisation with the device). Gathering overwrites `images` and returns it."""
+        variant = op * 2 + negative.long()  # the row of the tables
+        gather = images.device.type == "cpu" if gather is None else gather
+        out = images
+        for first, last, fn in self._groups:
+            chosen = (op >= first) & (op <= last)
+            if gather:  # in place: each group reads only its own images, which no other group writes
+                index = chosen.nonzero().squeeze(1)
+                if len(index):
+                    out.index_copy_(0, index, fn(images.index_select(0, index), variant.index_select(0, index)))
+            else:
+                out = torch.where(_as_images(chosen), fn(images, variant), out)
+        return out
+
+    def _table(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per (op, sign) row: the resampling matrix, transposed and rescaled as torchvision's `_affine_grid` does
+        (V, 3, 2), and the enhancement factor 1 + magnitude and 1 - factor (V,), each rounded as torchvision rounds
+        them. Made once per device and size: no host-to-device copy per batch."""
+        _, _, height, width = images.shape
+        key = (images.device, height, width)
+        if key not in self._tables:
+            rows = [(name, value) for name, pair in zip(OPS, self.magnitudes(height, width), strict=True)
+                    for value in pair]
+            theta = torch.tensor([_op_matrix(name, value, height, width) for name, value in rows],
+                                 dtype=torch.float32).view(-1, 2, 3)
+            theta = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height]))
+            factor = torch.tensor([1.0 + value for _, value in rows], dtype=torch.float32)
+            alpha = torch.tensor([1.0 - (1.0 + value) for _, value in rows], dtype=torch.float32)
+            self._tables[key] = tuple(t.to(images.device) for t in (theta, factor, alpha))
+        return self._tables[key]
+
+    def _geometric(self, images: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+        return affine(images, self._table(images)[0][variant], self.interpolation)
+
+    def _enhance(self, fn: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def op(images: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+            _, factor, alpha = self._table(images)
+            return fn(images, factor[variant], alpha[variant])
+        return op
+
+
+class BatchColorJitter:
+    """`v2.ColorJitter(brightness, contrast, saturation)` on a batch of uint8-valued float images: per image,
+    factors uniform in [max(0, 1 - x), 1 + x] and the three adjustments in a random order (torchvision permutes them
+    per call). A strength of 0 leaves its adjustment out (its factor is 1, an exact no-op)."""
+
+    NAMES = ("brightness", "contrast", "saturation")  # torchvision's `fn_idx` ids 0, 1, 2
+
+    def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0) -> None:
+        strengths = (brightness, contrast, saturation)
+        if min(strengths) < 0:
+            raise ValueError(f"ColorJitter strengths must be >= 0, got {strengths}")
+        self.ranges = tuple((max(0.0, 1.0 - x), 1.0 + x) if x > 0 else (1.0, 1.0) for x in strengths)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors (n, 3), in the order of `NAMES`, and each image's order of the adjustments (n, 3), their ids."""
+        device = generator.device
+        draw = torch.rand((n, 3), generator=generator, device=device)
+        factors = torch.stack([draw[:, i] * (high - low) + low for i, (low, high) in enumerate(self.ranges)], dim=1)
+        order = torch.rand((n, 3), generator=generator, device=device).argsort(dim=1)
+        return factors, order
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """ColorJitter on `images`, which it overwrites (pass a copy to keep them)."""
+        return self.apply(images, *self.sample(images.shape[0], generator))
+
+    @staticmethod
+    def apply(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """Each step blends every image with what its own adjustment of that step blends with: black (brightness),
+        its mean luma (contrast) or its luma (saturation). Overwrites `images` and returns it."""
+        for step in order.unbind(1):
+            gray = grayscale(images)
+            step = _as_images(step)
+            # the luma, its mean or 0 per image: exact, as each image has one nonzero term
+            other = torch.addcmul(gray.mean(dim=(-3, -2, -1), keepdim=True).mul_(step == 1), gray, step == 2)
+            factor = factors.gather(1, step.view(-1, 1)).squeeze(1)
+            blend(images, other, factor, one_minus(factor), out=images)
+        return images

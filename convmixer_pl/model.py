@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .depthwise import DepthwiseConv2d
 
 Activation = Literal["gelu", "relu"]
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 class Residual(nn.Module):
@@ -82,8 +82,8 @@ class ConvMixer(nn.Module):
         if kernel_size % 2 == 0:
             # padding="same" with an even kernel pads asymmetrically (an extra copy per layer): not the paper's model
             raise ValueError(f"ConvMixer: kernel_size must be odd, got {kernel_size} (the paper uses 5, 7 or 9)")
-        if act not in _ACTIVATIONS:
-            raise ValueError(f"ConvMixer: act must be one of {sorted(_ACTIVATIONS)}, got {act!r}")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"ConvMixer: act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
         if image_size is not None and patch_size > image_size:
             raise ValueError(f"ConvMixer: patch_size {patch_size} is larger than the {image_size}px image; "
                              f"use patch_size <= {image_size}")
@@ -91,7 +91,7 @@ class ConvMixer(nn.Module):
         self.num_features = dim
         self.patch_size = patch_size
         self.grad_checkpointing = grad_checkpointing
-        act_layer = _ACTIVATIONS[act]
+        act_layer = ACTIVATIONS[act]
 
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),

@@ -5,11 +5,18 @@ Layouts (see `model.py`): *official* is the paper's flat `nn.Sequential` (`0.*` 
 Files may hold the bare state dict or wrap it (`state_dict`, `model`, `state_dict_ema`: Lightning, timm and
 training-script checkpoints), with `module.` (DDP), `model.` (our Lightning module) or `_orig_mod.`
 (torch.compile) prefixes. `.safetensors` files need the `safetensors` package.
+
+A *timm / Hugging Face folder* (`convmixer export --format hf`, or a timm hub repo's files) holds `config.json` and
+`model.safetensors` (or `pytorch_model.bin`). `model.pretrained` may name the folder, its config.json or its
+weights file; the architecture in config.json must be the model's (activation included: weights cannot show it).
+The paper's variants are named by timm's registered names alone; other sizes are spelled out in `model_args` for
+timm's `ConvMixer` class (`timm_architecture`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,11 +25,19 @@ import torch
 from torch import nn
 
 from .console import say
-from .model import ConvMixer
+from .model import ACTIVATIONS, VARIANTS, ConvMixer
 
 _WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 _OFFICIAL_KEY = re.compile(r"^(\d+)\.(.+)$")
+
+# registered in timm with exactly these VARIANTS settings (convmixer_768_32 with act_layer=nn.ReLU);
+# convmixer_256_8 is ours only
+TIMM_VARIANTS = ("convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20_ks9_p14")
+HF_CONFIG = "config.json"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # in the order timm prefers them in a folder
+# what shapes the weights, and the activation; defaults are ConvMixer's and timm's constructors'
+_TRUNK_DEFAULTS = {"dim": None, "depth": None, "kernel_size": 9, "patch_size": 7, "act": "gelu"}
 
 
 class WeightsError(ValueError):
@@ -127,6 +142,84 @@ def describe(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
                 num_classes=num_classes)
 
 
+# -- timm's names for an architecture, and its hub folders -------------------------------------------------------
+
+def trunk(arch: Mapping) -> dict:
+    """dim, depth, kernel_size, patch_size and act of an architecture (hparams, a VARIANTS entry), defaults filled."""
+    return {key: arch.get(key, default) for key, default in _TRUNK_DEFAULTS.items()}
+
+
+def model_trunk(model: ConvMixer) -> dict:
+    arch = describe(model.state_dict())
+    return trunk({**arch, "act": "relu" if isinstance(model.stem[1], nn.ReLU) else "gelu"})
+
+
+def timm_architecture(arch: Mapping) -> tuple[str, dict]:
+    """timm's name for an architecture and the model_args (beyond in_chans and num_classes) that rebuild it.
+
+    A paper variant is its registered name alone: `timm.create_model` builds it. Any other size is named like the
+    release files (`convmixer_16_2_ks3_p2`, `..._relu`) and spelled out for timm's `ConvMixer` class; `act_layer`
+    is a timm activation name (`timm.layers.get_act_layer`), left out for GELU, the class's default."""
+    shape = trunk(arch)
+    name = next((name for name in TIMM_VARIANTS if trunk(VARIANTS[name]) == shape), None)
+    if name is not None:
+        return name, {}
+    args = {key: shape[key] for key in ("dim", "depth", "kernel_size", "patch_size")}
+    if shape["act"] != "gelu":
+        args["act_layer"] = shape["act"]
+    name = "convmixer_{dim}_{depth}_ks{kernel_size}_p{patch_size}".format(**shape)
+    return name + ("" if shape["act"] == "gelu" else f"_{shape['act']}"), args
+
+
+def config_trunk(config: Mapping, source: str) -> dict:
+    """The architecture a timm config.json describes (the inverse of `timm_architecture`)."""
+    name, args = config.get("architecture"), config.get("model_args") or {}
+    if name in TIMM_VARIANTS:
+        return trunk(VARIANTS[name])
+    if not (isinstance(name, str) and name.startswith("convmixer") and "dim" in args and "depth" in args):
+        raise WeightsError(f"{source}: architecture {name!r} is not a ConvMixer (expected one of "
+                           f"{', '.join(TIMM_VARIANTS)}, or model_args with dim and depth as `convmixer export "
+                           "--format hf` writes)")
+    act = str(args.get("act_layer", "gelu")).lower()
+    if act not in ACTIVATIONS:
+        raise WeightsError(f"{source}: model_args act_layer {act!r} is not one of ConvMixer's {sorted(ACTIVATIONS)}")
+    return trunk({**args, "act": act})
+
+
+def hf_folder(path: Path) -> Path | None:
+    """The timm / Hugging Face folder that `path` names (the folder, its config.json or its weights), else None."""
+    folder = path if path.is_dir() else path.parent
+    names_folder = path.is_dir() or path.name == HF_CONFIG or path.name in HF_WEIGHTS
+    return folder if names_folder and (folder / HF_CONFIG).is_file() else None
+
+
+def read_hf_folder(path: Path, model: ConvMixer) -> Path:
+    """Check the folder's config.json against `model`; return the weights file to read."""
+    folder = hf_folder(path)
+    source = f"model.pretrained {folder / HF_CONFIG}"
+    try:
+        config = json.loads((folder / HF_CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{source}: not readable JSON ({err}); export the folder again") from err
+    if not isinstance(config, Mapping):
+        raise WeightsError(f"{source}: holds a {type(config).__name__}, not a timm model config")
+    theirs, ours = config_trunk(config, source), model_trunk(model)
+    if theirs != ours:
+        fix = ", ".join(f"model.{key} {theirs[key]}" for key in theirs if theirs[key] != ours[key])
+        raise WeightsError(f"{source}: the folder holds {config.get('architecture')} ({_spelled(theirs)}), the "
+                           f"model is {_spelled(ours)}: set {fix}")
+    weights = path if path.name in HF_WEIGHTS else next((folder / n for n in HF_WEIGHTS if (folder / n).is_file()),
+                                                       None)
+    if weights is None:
+        raise WeightsError(f"model.pretrained {folder}: no {' or '.join(HF_WEIGHTS)} beside config.json; export "
+                           "the folder again")
+    return weights
+
+
+def _spelled(shape: Mapping) -> str:
+    return ", ".join(f"{key} {value}" for key, value in shape.items())
+
+
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], n: int = 6) -> None:
     """Load `state` into `model` strictly; what does not fit (missing and unexpected keys, wrong shapes as file vs
     model, at most `n` of each in state-dict order) is one WeightsError."""
@@ -172,7 +265,15 @@ def load_into(model: ConvMixer, state_dict: Mapping[str, torch.Tensor], source: 
 
 
 def load_pretrained(model: ConvMixer, path: str | Path) -> None:
-    """`model.pretrained`: read `path` (either layout, detected), load it, and say in one line what changed."""
+    """`model.pretrained`: read `path` (either layout, detected; or a timm / Hugging Face folder, checked against
+    its config.json), load it, and say in one line what changed."""
+    path = Path(path)
+    folder = hf_folder(path)
+    if path.is_dir() and folder is None:
+        raise WeightsError(f"model.pretrained {path} is a folder without {HF_CONFIG}; name a weights file, or a "
+                           "folder written by `convmixer export --format hf`")
+    if folder is not None:
+        path = read_hf_folder(path, model)
     state = read_file(path)
     head = state.get("head.weight")
     if load_into(model, state, f"model.pretrained {path}"):
@@ -180,6 +281,6 @@ def load_pretrained(model: ConvMixer, path: str | Path) -> None:
         say(f"model.pretrained {path}: the file has {found}, the model {model.num_classes} classes: "
               "the head is re-initialised")
     uses_relu = isinstance(model.stem[1], nn.ReLU)
-    if "relu" in Path(path).name.lower() and not uses_relu:
+    if folder is None and "relu" in path.name.lower() and not uses_relu:  # a folder's config.json was checked
         say(f"model.pretrained {path}: the file name says ReLU but model.act is gelu; "
               "set model.act: relu for this file (the 768/32 release uses ReLU)")

@@ -1,17 +1,28 @@
-"""`python -m convmixer_pl.export`: ONNX (run by onnxruntime) and torch.export programs match PyTorch."""
+"""`python -m convmixer_pl.export`: ONNX (run by onnxruntime) and torch.export programs match PyTorch; the timm /
+Hugging Face folder loads in timm itself (its own loaders, no mocks) and in our model.pretrained, to the same logits."""
 
 from __future__ import annotations
 
 import json
+import socket
 
+import huggingface_hub
 import numpy as np
 import onnx
 import onnxruntime
 import pytest
+import timm
 import torch
+from timm.layers import get_act_layer
+from timm.models import load_checkpoint
+from timm.models._hub import load_model_config_from_path  # what timm's local-dir: source reads config.json with
+from timm.models.convmixer import ConvMixer as TimmConvMixer
+from torch import nn
 
 from convmixer_pl.checkpoints import load_module
 from convmixer_pl.export import main
+from convmixer_pl.model import VARIANTS
+from convmixer_pl.module import ConvMixerClassifier
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +74,126 @@ def test_export_refuses_bad_requests_with_one_line_errors(trained, tmp_path, cap
     not_a_checkpoint.write_text("hello")
     for args, message in ((["--ckpt_path", str(ckpt), "--opset", "16"], "--opset 16: use 17 or newer"),
                           (["--ckpt_path", str(not_a_checkpoint)], "is not a checkpoint torch can read"),
-                          (["--ckpt_path", str(tmp_path / "missing.ckpt")], "no such file")):
+                          (["--ckpt_path", str(tmp_path / "missing.ckpt")], "no such file"),
+                          (["--ckpt_path", str(ckpt), "--push-to-hub", "someone/digits"], "use it with --format hf"),
+                          (["--ckpt_path", str(ckpt), "--format", "hf", "--output", str(not_a_checkpoint)],
+                           "notes.ckpt is a file; --format hf writes a folder")):
         with pytest.raises(SystemExit) as exit_info:
-            main([*args, "--output", str(tmp_path / "m.onnx")])
+            main(["--output", str(tmp_path / "m.onnx"), *args])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+# -- the timm / Hugging Face folder ----------------------------------------------------------------------------------
+
+def export_hf(ckpt, folder, *extra: str):
+    return main(["--ckpt_path", str(ckpt), "--format", "hf", "--output", str(folder), *extra])
+
+
+def as_json(value):
+    return json.loads(json.dumps(value))  # tuples as lists, as config.json holds them
+
+
+def test_hf_folder_of_another_size_loads_in_timms_convmixer_class(trained, tmp_path):
+    ckpt, network = trained
+    module = load_module(ckpt)
+    folder = export_hf(ckpt, tmp_path / "digits_hf")
+    assert sorted(path.name for path in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "convmixer_16_2_ks3_p2" and config["num_classes"] == 10
+    assert config["label_names"] == module.class_names == [str(i) for i in range(10)]
+    assert config["model_args"] == {"dim": 16, "depth": 2, "kernel_size": 3, "patch_size": 2, "in_chans": 1,
+                                    "num_classes": 10, "global_pool": "avg"}  # no act_layer: GELU, timm's default
+    preprocessing = {key: config["pretrained_cfg"][key] for key in module.data_config}
+    assert preprocessing == as_json(module.data_config)
+    assert preprocessing["input_size"] == [1, 8, 8] and preprocessing["mean"] == [0.5]
+
+    pretrained_cfg, name, model_args = load_model_config_from_path(folder)
+    assert name == "convmixer_16_2_ks3_p2" and pretrained_cfg["label_names"] == module.class_names
+    act_layer = get_act_layer(model_args.get("act_layer", "gelu"))
+    timm_model = TimmConvMixer(**{**model_args, "act_layer": act_layer}).eval()
+    load_checkpoint(timm_model, str(folder / "model.safetensors"), strict=True)
+    with pytest.raises(RuntimeError, match="Unknown model"):  # not a registered size: the class it is
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+
+    hparams = {key: module.hparams[key] for key in ("dim", "depth", "kernel_size", "patch_size", "in_chans")}
+    x = inputs(3)
+    with torch.no_grad():
+        expected = network(x)
+        assert torch.equal(timm_model(x), expected)
+        for path in (folder, folder / "config.json", folder / "model.safetensors"):  # model.pretrained reads it back
+            ours = ConvMixerClassifier(**hparams, num_classes=10, pretrained=str(path)).model.eval()
+            assert torch.equal(ours(x), expected), path.name
+
+
+def random_norm_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BatchNorm statistics and affine values that are not the identity, so they count in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            for tensor in (norm.weight, norm.bias, norm.running_mean):
+                tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.3)
+            norm.running_var.copy_(torch.rand(norm.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", ["convmixer_1024_20_ks9_p14", "convmixer_768_32"])  # GELU, and ReLU
+def test_hf_folder_of_a_paper_variant_loads_with_timm_create_model(tmp_path, variant):
+    """A randomly initialised paper-variant model (24M / 21M parameters) on 28 px images: cheap, and timm builds it
+    from its registered name with the folder's weights, preprocessing and class names."""
+    names = ["cat", "dog", "owl"]
+    module = ConvMixerClassifier(**VARIANTS[variant], num_classes=3, image_size=28, mean=(0.4, 0.5, 0.6),
+                                 std=(0.2, 0.25, 0.3), crop_pct=0.9, interpolation="bicubic", class_names=names)
+    network = random_norm_statistics(module.model)
+    ckpt = tmp_path / "variant.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    folder = export_hf(ckpt, tmp_path / "variant_hf")
+    ckpt.unlink()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == variant and config["label_names"] == names
+    assert config["model_args"] == {"in_chans": 3, "num_classes": 3, "global_pool": "avg"}  # the name says the rest
+
+    timm_model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert isinstance(timm_model.stem[1], nn.ReLU if variant == "convmixer_768_32" else nn.GELU)
+    assert timm_model.pretrained_cfg["label_names"] == names
+    assert as_json(timm.data.resolve_model_data_config(timm_model)) == {  # timm's eval transform will use these
+        "input_size": [3, 28, 28], "interpolation": "bicubic", "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3],
+        "crop_pct": 0.9, "crop_mode": "center"}
+    overlay = timm.create_model(variant, pretrained=True, **config["model_args"],  # timm without local-dir:
+                                pretrained_cfg_overlay={**config["pretrained_cfg"],
+                                                        "file": str(folder / "model.safetensors")}).eval()
+    ours = ConvMixerClassifier(**VARIANTS[variant], num_classes=3, pretrained=str(folder)).model.eval()
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = network(x)
+        assert torch.equal(timm_model(x), expected)
+        assert torch.equal(overlay(x), expected)
+        assert torch.equal(ours(x), expected)
+
+
+def reaches_the_hub() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no route"])
+def test_push_to_hub_without_network_says_so_and_keeps_the_folder(trained, tmp_path, capsys, monkeypatch, offline):
+    if offline == "HF_HUB_OFFLINE":  # huggingface_hub's own offline switch (the variable, read at its import)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    elif reaches_the_hub():
+        pytest.skip("this machine reaches huggingface.co, so a real upload would be attempted")
+    ckpt, _ = trained
+    folder = tmp_path / "digits_hf"
+    with pytest.raises(SystemExit) as exit_info:
+        export_hf(ckpt, folder, "--push-to-hub", "someone/convmixer-digits")
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    assert "--push-to-hub someone/convmixer-digits: the Hugging Face hub cannot be reached (no network" in errors[0]
+    assert f"nothing was uploaded; {folder} is written" in errors[0]
+    assert json.loads((folder / "config.json").read_text())["architecture"] == "convmixer_16_2_ks3_p2"
+    assert (folder / "model.safetensors").stat().st_size > 0

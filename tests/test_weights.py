@@ -1,6 +1,9 @@
-"""Released-weight loading: official and timm layouts, wrappers, prefixes, wrong files, a new head."""
+"""Released-weight loading: official and timm layouts, wrappers, prefixes, wrong files, a new head, and timm /
+Hugging Face folders (`convmixer export --format hf`) with their config.json checked against the model."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import timm
@@ -9,14 +12,18 @@ from conftest import timm_to_official
 from safetensors.torch import save_file
 from torch import nn
 
-from convmixer_pl.model import ConvMixer
+from convmixer_pl.hub import write_folder
+from convmixer_pl.model import VARIANTS, ConvMixer
 from convmixer_pl.module import ConvMixerClassifier
 from convmixer_pl.weights import (
+    TIMM_VARIANTS,
     WeightsError,
+    config_trunk,
     detect_layout,
     load_pretrained,
     official_to_timm,
     read_file,
+    timm_architecture,
 )
 
 DIM, DEPTH, K, P, CLASSES = 16, 3, 5, 4, 7
@@ -210,3 +217,74 @@ def test_load_from_checkpoint_does_not_reread_pretrained(tmp_path):
     source.unlink()  # the released file is gone; the checkpoint alone must do
     restored = ConvMixerClassifier.load_from_checkpoint(ckpt)
     assert torch.equal(restored.model.stem[0].weight, module.model.stem[0].weight)
+
+
+# -- timm / Hugging Face folders -------------------------------------------------------------------------------------
+
+def test_timm_names_paper_variants_and_spells_out_other_sizes():
+    for name in TIMM_VARIANTS:
+        assert timm_architecture(VARIANTS[name]) == (name, {})
+        assert timm.is_model(name)
+    assert not timm.is_model("convmixer_256_8")  # ours only: spelled out
+    assert timm_architecture(VARIANTS["convmixer_256_8"]) == (
+        "convmixer_256_8_ks5_p2", {"dim": 256, "depth": 8, "kernel_size": 5, "patch_size": 2})
+    # the 768/32 shape with GELU is not timm's convmixer_768_32 (ReLU)
+    gelu_768 = {**VARIANTS["convmixer_768_32"], "act": "gelu"}
+    assert timm_architecture(gelu_768) == ("convmixer_768_32_ks7_p7",
+                                           {"dim": 768, "depth": 32, "kernel_size": 7, "patch_size": 7})
+    shape = {"dim": DIM, "depth": DEPTH, "kernel_size": K, "patch_size": P, "act": "relu"}
+    name, args = timm_architecture(shape)
+    assert (name, args["act_layer"]) == (f"convmixer_{DIM}_{DEPTH}_ks{K}_p{P}_relu", "relu")
+    # and back: config.json's architecture and model_args give the same shape, a variant's from its name alone
+    assert config_trunk({"architecture": name, "model_args": args}, "config.json") == shape
+    assert config_trunk({"architecture": "convmixer_768_32"}, "config.json")["act"] == "relu"
+
+
+@pytest.fixture
+def relu_folder(tmp_path, images):
+    """A folder written by `convmixer export --format hf`'s writer from a random ReLU model; and its logits."""
+    module = ConvMixerClassifier(dim=DIM, depth=DEPTH, kernel_size=K, patch_size=P, num_classes=CLASSES, act="relu",
+                                 image_size=24, mean=(0.5,) * 3, std=(0.25,) * 3, class_names=list("abcdefg"))
+    randomize(module.model)
+    folder = write_folder(module, tmp_path / "relu_hf")
+    with torch.no_grad():
+        return folder, module.model(images)
+
+
+def test_hf_folder_reads_back_as_the_folder_its_config_or_its_weights(relu_folder, images):
+    folder, expected = relu_folder
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == f"convmixer_{DIM}_{DEPTH}_ks{K}_p{P}_relu"
+    assert config["model_args"]["act_layer"] == "relu" and config["label_names"] == list("abcdefg")
+    for path in (folder, folder / "config.json", folder / "model.safetensors"):
+        model = ours("relu")
+        load_pretrained(model, path)
+        with torch.no_grad():
+            assert torch.equal(model(images), expected), path.name
+
+
+def test_hf_folder_of_another_architecture_names_config_and_fix(relu_folder):
+    folder, _ = relu_folder
+    with pytest.raises(WeightsError, match=r"relu_hf/config\.json: the folder holds convmixer_16_3_ks5_p4_relu "
+                                           r"\(dim 16, .*act relu\), the model is .*act gelu: set model\.act relu$"):
+        load_pretrained(ours("gelu"), folder)
+    with pytest.raises(WeightsError, match=r"set model\.dim 16, model\.act relu$"):
+        load_pretrained(ConvMixer(8, DEPTH, K, P, num_classes=CLASSES), folder / "model.safetensors")
+
+
+def test_hf_folder_problems_are_one_line_errors(relu_folder, tmp_path):
+    folder, _ = relu_folder
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="empty is a folder without config.json"):
+        load_pretrained(ours(), tmp_path / "empty")
+    (folder / "config.json").write_text(json.dumps({**config, "architecture": "resnet18", "model_args": {}}))
+    with pytest.raises(WeightsError, match=r"architecture 'resnet18' is not a ConvMixer"):
+        load_pretrained(ours("relu"), folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match=r"config\.json: not readable JSON"):
+        load_pretrained(ours("relu"), folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="no model.safetensors or pytorch_model.bin beside config.json"):
+        load_pretrained(ours("relu"), folder)

@@ -1,0 +1,332 @@
+"""`convmixer serve`: a trained checkpoint as an HTTP inference server on LitServe, with a page to drop images on.
+
+    convmixer serve --ckpt_path checkpoints/digits/last.ckpt [--port 8000] [--max_batch_size 8 --batch_timeout 0.01]
+    curl -F file=@digit.png http://127.0.0.1:8000/predict
+    curl -H "Content-Type: image/png" --data-binary @digit.png http://127.0.0.1:8000/predict
+
+The answer is JSON, `{"top_k": [{"class": "3", "prob": 0.97}, ...], "batch_size": 4}`: the top-k classes of the
+checkpoint's class names, most probable first, and how many requests the server ran in the same forward pass.
+GET / is a page to drop an image on (`serve_page.py`); docs/serving.md has the options, the errors and the throughput.
+
+This module owns the command line, turning an upload into the model's input or a 4xx with a one-line reason, and
+the LitAPI that batches requests and runs the model. The two halves run in different processes: uploads are read,
+checked, decoded, resized and cropped in the HTTP process (LitServe's uvicorn server), so that a bad one is answered
+there and never reaches a batch (LitServe fails every request of a batch when one of them raises); the inference
+worker turns the uint8 crops into floats, normalises them on the model's device, runs the model and takes the top-k.
+Preprocessing and class names are the checkpoint's (`ConvMixerClassifier.eval_transform()`), as `convmixer predict`.
+"""
+
+# no `from __future__ import annotations`: LitServe reads decode_request's annotation (the upload dependency)
+# as an object
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import warnings
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Annotated
+
+import litserve as ls
+import numpy as np
+import torch
+from fastapi import Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartException, MultiPartParser
+from torchvision.transforms import v2
+
+from .checkpoints import load_module
+from .console import fail, run_entry_point, say
+from .data import DataError
+from .data.images import read_image
+from .serve_page import page
+
+PROG = "convmixer serve"
+CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # the model's in_chans -> PIL mode, as convmixer predict reads images
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServe binds
+FORM_FIELD = "file"
+FORM_OVERHEAD = 64 * 1024  # room for a multipart body's boundaries and part headers beyond --max_bytes
+HOW_TO_SEND = (f"POST the image as the multipart form field `{FORM_FIELD}` (curl -F {FORM_FIELD}=@image.jpg) or as "
+               "the body with Content-Type image/* or application/octet-stream")
+
+
+class ServeError(ValueError):
+    """A bad `convmixer serve` option or checkpoint; the message names it and the fix."""
+
+
+# -- the HTTP process: an upload becomes a uint8 crop, or a 4xx ----------------------------------------------------
+
+@dataclass(frozen=True)
+class UploadRules:
+    """What the HTTP process needs to check and preprocess an upload (kept on the FastAPI app's state)."""
+
+    mode: str  # PIL mode of the model's input (CHANNEL_MODES)
+    crop: v2.Compose  # eval_transform() up to its float conversion: PIL image -> uint8 (C, H, W), resized, cropped
+    max_bytes: int
+
+
+def split_transform(transform: v2.Compose) -> tuple[v2.Compose, v2.Compose]:
+    """`eval_transform()` cut before its first ToDtype: the per-image geometry (to a uint8 tensor, resize, crop)
+    and the per-batch arithmetic (to float, normalise). The uint8 crops are a quarter the size of float ones to send
+    to the worker, and the arithmetic runs once per batch on the model's device."""
+    steps = list(transform.transforms)
+    cut = next((i for i, step in enumerate(steps) if isinstance(step, v2.ToDtype)), len(steps))
+    return v2.Compose(steps[:cut]), v2.Compose(steps[cut:])
+
+
+def reject(status: int, reason: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=" ".join(reason.split()))  # one line, whatever PIL said
+
+
+def too_big(size: int, limit: int) -> HTTPException:
+    return reject(413, f"the upload is {size} bytes, more than --max_bytes {limit}: send a smaller image, or start "
+                       "the server with a larger --max_bytes")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it grows past `limit` (also without a Content-Length)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def form_file(request: Request, body: bytes) -> bytes:
+    """The bytes of the form's `file` field."""
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=16).parse()
+    except MultiPartException as err:
+        raise reject(400, f"malformed multipart form ({err.message}): {HOW_TO_SEND}") from err
+    upload = form.get(FORM_FIELD)
+    if upload is None or isinstance(upload, str):
+        fields = ", ".join(form.keys()) or "none"
+        raise reject(400, f"the form has no file field `{FORM_FIELD}` (its fields: {fields}): {HOW_TO_SEND}")
+    try:
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+def decode(data: bytes, rules: UploadRules) -> np.ndarray:
+    """An image file's bytes -> the model's uint8 crop (C, H, W), or a 400/413 naming the problem.
+
+    Runs in a thread of the HTTP process; the decompression-bomb warning is an error there (see `serve`)."""
+    try:
+        image = read_image(BytesIO(data), rules.mode)
+    except Image.DecompressionBombWarning as err:  # between PIL's limit and twice it
+        raise reject(413, f"refused as a decompression bomb ({err}): send a smaller image") from err
+    except DataError as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, Image.DecompressionBombError):
+            raise reject(413, f"refused as a decompression bomb ({cause}): send a smaller image") from err
+        reason = ("PIL knows no image format that starts like these bytes"
+                  if isinstance(cause, Image.UnidentifiedImageError) else f"{type(cause).__name__}: {cause}")
+        raise reject(400, f"not an image PIL can read ({reason}): send a PNG, JPEG, WebP, BMP, GIF or TIFF "
+                          "file") from err
+    return np.ascontiguousarray(rules.crop(image).numpy())
+
+
+async def read_upload(request: Request) -> np.ndarray:
+    """FastAPI dependency of the predict route: the uploaded image as the model's uint8 crop (C, H, W).
+
+    Multipart (field `file`) or raw bytes (image/*, application/octet-stream, or no Content-Type at all); anything
+    else is a 415, an empty upload a 400, one over --max_bytes a 413."""
+    rules: UploadRules = request.app.state.upload_rules
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    multipart = media == "multipart/form-data"
+    if not (multipart or media in ("", "application/octet-stream") or media.startswith("image/")):
+        raise reject(415, f"Content-Type {media} is not an image upload: {HOW_TO_SEND}")
+    body = await read_body(request, rules.max_bytes + (FORM_OVERHEAD if multipart else 0))
+    data = await form_file(request, body) if multipart else body
+    if not data:
+        raise reject(400, f"the upload is empty: {HOW_TO_SEND}")
+    if len(data) > rules.max_bytes:
+        raise too_big(len(data), rules.max_bytes)
+    return await run_in_threadpool(decode, data, rules)  # decoding would block the event loop
+
+
+UploadedImage = Annotated[np.ndarray, Depends(read_upload)]
+
+
+# -- the inference worker: batches of crops -> top-k ----------------------------------------------------------------
+
+class ConvMixerAPI(ls.LitAPI):
+    """The checkpoint's model behind LitServe: each request is one uint8 crop, answered with its top-k classes."""
+
+    def __init__(self, ckpt_path: str, top_k: int, max_batch_size: int = 1, batch_timeout: float = 0.0) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+        self.ckpt_path, self.top_k = ckpt_path, top_k
+
+    def setup(self, device: str) -> None:
+        module = load_module(self.ckpt_path)  # in each worker process, on its own device
+        self.model = module.to(device)
+        self.model_device = torch.device(device)
+        self.normalise = split_transform(module.eval_transform())[1]
+        self.class_names = module.class_names
+        self.k = min(self.top_k, len(self.class_names))
+
+    def decode_request(self, request: UploadedImage) -> torch.Tensor:
+        return torch.from_numpy(request)  # read and checked in the HTTP process: read_upload
+
+    def predict(self, crops: torch.Tensor) -> list[dict] | dict:
+        """A batch (N, C, H, W) when --max_batch_size > 1 (LitServe stacks the requests), else one crop (C, H, W)."""
+        batched = crops.ndim == 4
+        batch = crops if batched else crops[None]
+        with torch.inference_mode():
+            probs = self.model(self.normalise(batch.to(self.model_device))).softmax(dim=1)
+            values, classes = (t.cpu().tolist() for t in probs.topk(self.k, dim=1))
+        answers = [{"top_k": [{"class": self.class_names[c], "prob": round(p, 6)} for p, c in zip(ps, cs, strict=True)],
+                    "batch_size": len(batch)} for ps, cs in zip(values, classes, strict=True)]
+        return answers if batched else answers[0]
+
+
+# -- the server -------------------------------------------------------------------------------------------------------
+
+def check_options(args: argparse.Namespace) -> None:
+    for name, value, low in (("top_k", args.top_k, 1), ("max_batch_size", args.max_batch_size, 1),
+                             ("max_bytes", args.max_bytes, 1), ("workers_per_device", args.workers_per_device, 1)):
+        if value < low:
+            raise ServeError(f"--{name} must be at least {low}, got {value}")
+    if args.batch_timeout < 0:
+        raise ServeError(f"--batch_timeout must be >= 0 seconds, got {args.batch_timeout}")
+    if not 1024 <= args.port <= 65535:  # LitServe's range
+        raise ServeError(f"--port must be from 1024 to 65535, got {args.port}")
+
+
+def resolve_devices(accelerator: str, devices: str) -> tuple[str, int]:
+    """(`cpu` or `cuda`, LitServe's devices): `auto` is a GPU where there is one; a missing GPU is an error."""
+    if devices != "auto" and not (devices.isdigit() and int(devices) >= 1):
+        raise ServeError(f"--devices must be auto or a number of devices, got {devices}")
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator == "cpu":
+        if devices not in ("auto", "1"):
+            raise ServeError(f"--devices {devices} with the CPU: the CPU is one device; use --workers_per_device "
+                             "N for N inference processes")
+        return "cpu", 1
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    wanted = available if devices == "auto" else int(devices)
+    if available == 0 or wanted > available:
+        raise ServeError(f"--accelerator cuda --devices {devices}: this machine has {available} GPU(s); use "
+                         "--accelerator cpu, or fewer --devices")
+    return "cuda", wanted
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Say which port is taken in one line, before LitServe starts its worker processes."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.create_server((host, port), family=family).close()
+    except OSError as err:
+        raise ServeError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port") from err
+
+
+def build_server(args: argparse.Namespace) -> ls.LitServer:
+    """The LitServer of the checkpoint: the batched predict route, the upload rules and the page at GET /."""
+    check_options(args)
+    accelerator, devices = resolve_devices(args.accelerator, args.devices)
+    module = load_module(args.ckpt_path)  # a bad checkpoint is one line here, not a dead worker later
+    in_chans = module.data_config["input_size"][0]
+    if in_chans not in CHANNEL_MODES:
+        raise ServeError(f"--ckpt_path {args.ckpt_path}: a model of {in_chans}-channel images; convmixer serve "
+                         "reads images as grey (1 channel), RGB (3) or RGBA (4)")
+    rules = UploadRules(CHANNEL_MODES[in_chans], split_transform(module.eval_transform())[0], args.max_bytes)
+    names = module.class_names
+    described = (f"{Path(args.ckpt_path).name}: {len(names)} classes, "
+                 f"{'×'.join(map(str, module.data_config['input_size']))} input")
+    api = ConvMixerAPI(args.ckpt_path, args.top_k, args.max_batch_size, args.batch_timeout)
+    server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=args.workers_per_device,
+                          model_metadata={"checkpoint": str(args.ckpt_path), "class_names": names,
+                                          "data_config": module.data_config, "top_k": min(args.top_k, len(names))})
+    server.app.state.upload_rules = rules
+    add_page(server, page(described))
+    return server
+
+
+def add_page(server: ls.LitServer, content: str) -> None:
+    """GET / serves the page instead of LitServe's "litserve running" (the health check is GET /health)."""
+    router = server.app.router
+    router.routes = [route for route in router.routes
+                     if not (getattr(route, "path", None) == "/" and "GET" in getattr(route, "methods", ()))]
+
+    @server.app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(content)
+
+
+def serve(args: argparse.Namespace) -> None:
+    server = build_server(args)
+    check_port_free(args.host, args.port)
+    # the HTTP process decodes uploads in threads; PIL only warns between its pixel limit and twice it, and a
+    # warning filter is process-wide, so it is set here, before LitServe forks the HTTP process
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    torch.set_num_threads(1)  # the HTTP process crops one image per thread; the model runs in the workers
+    stop_on_sigterm()
+    say(f"serving {args.ckpt_path} on http://{'[::1]' if args.host == '::' else args.host}:{args.port}/ "
+        f"(POST /predict, a page at /; max_batch_size {args.max_batch_size}, batch_timeout {args.batch_timeout} s)")
+    server.run(host=args.host, port=args.port, log_level=args.log_level, generate_client_file=False)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (kill, docker stop) shuts the server down as Ctrl+C does, so LitServe stops its worker processes
+    too. The HTTP process that LitServe forks inherits the handler: uvicorn re-raises the signal there once it has
+    stopped, and it then just exits."""
+    server_pid = os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() == server_pid:
+            raise KeyboardInterrupt
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2, as every convmixer error, not argparse's usage block
+        fail(f"{message} (`{self.prog} --help` lists the options)", self.prog)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Serve a checkpoint over HTTP (LitServe): POST an image to /predict, "
+                                             "or open the page at / in a browser.")
+    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `convmixer fit`")
+    p.add_argument("--host", default="127.0.0.1", choices=HOSTS,
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 or :: for every one)")
+    p.add_argument("--port", type=int, default=8000, help="port (1024-65535; default 8000)")
+    p.add_argument("--top_k", type=int, default=5, help="classes per answer (default 5)")
+    p.add_argument("--max_batch_size", type=int, default=8,
+                   help="most requests run in one forward pass (default 8; 1: no batching)")
+    p.add_argument("--batch_timeout", type=float, default=0.01,
+                   help="seconds a worker waits to fill a batch (default 0.01)")
+    p.add_argument("--max_bytes", type=int, default=20 * 2**20,
+                   help="largest image file accepted, in bytes (default 20 MiB); larger uploads get a 413")
+    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the model runs (default auto: a GPU if there is one)")
+    p.add_argument("--devices", default="auto", help="number of GPUs, one inference process each (default auto: all)")
+    p.add_argument("--workers_per_device", type=int, default=1, help="inference processes per device (default 1)")
+    p.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="LitServe and uvicorn logging (default info, which logs every request)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    run_entry_point(lambda: serve(args), prog=PROG)
+
+
+if __name__ == "__main__":
+    main()

@@ -100,8 +100,11 @@ def checkpoint_model_args(argv: list[str], read=read_checkpoint) -> tuple[list[s
     value = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--ckpt_path"),
                  next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--ckpt_path=")), None))
     subcommand = next((i for i, arg in enumerate(argv) if arg in SUBCOMMANDS), None)
-    if value is None or subcommand is None or not Path(value).is_file():
+    if value is None or subcommand is None or value in ("last", "best"):
         return argv, None
+    if not Path(value).is_file():  # said now: parsing would first ask for the architecture it would have given
+        raise CheckpointError(f"--ckpt_path {value}: no such file; pass a .ckpt written by `convmixer fit`, or "
+                              "`last`/`best`")
     checkpoint = read(value)
     names = set(inspect.signature(ConvMixer).parameters) - set(LINKED)
     arch = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in names}

@@ -280,9 +280,12 @@ def _run_cli(args) -> None:
 
 def quiet_known_noise() -> None:
     """Leave out what Lightning and torch print that a user of this command cannot act on: the tips to install
-    Lightning's cloud services, and a deprecation inside Lightning's own code."""
+    Lightning's cloud services, a deprecation inside Lightning's own code, and torch's note, when it compiles the
+    CPU depthwise kernel on a machine with CUDA's headers but no GPU, that there is no CUDA runtime."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.getMessage()).startswith("💡 Tip:"))
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not str(record.getMessage()).startswith("No CUDA runtime is found"))
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             module=r"lightning\.pytorch\.utilities\._pytree")
 

@@ -209,3 +209,20 @@ def test_bad_augmentation_values_name_their_key():
         Augmentation(ra_magnitude=31)
     with pytest.raises(DataError, match="data.augment.scale"):
         Augmentation(scale=(0.9, 0.5))
+
+
+def test_crop_size_sets_the_training_size_of_both_pipelines_and_evaluation_keeps_image_size(cifar_root):
+    from convmixer_pl.data.device import BatchAugment
+
+    augment = Augmentation(crop_size=28, scale=(0.75, 1.0), ratio=(1.0, 1.0))
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    assert augment.train_transform(32, CIFAR_MEAN, CIFAR_STD)(image).shape == (3, 28, 28)
+    batched = BatchAugment.from_augmentation(augment, 32, CIFAR_MEAN, CIFAR_STD)
+    assert batched(image[None].repeat(4, 1, 1, 1), torch.Generator().manual_seed(0)).shape == (4, 3, 28, 28)
+    dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_fraction=0.1, batch_size=8, num_workers=0,
+                         augment=augment)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))[0].shape == (8, 3, 28, 28)
+    assert next(iter(dm.val_dataloader()))[0].shape == (8, 3, 32, 32)  # evaluated at data.image_size
+    with pytest.raises(DataError, match="data.augment.crop_size"):
+        Augmentation(crop_size=0)

@@ -1,3 +1,5 @@
+"""`python -m convmixer_pl.benchmark`: the same as `convmixer benchmark`."""
+
 import sys
 
 from . import main

@@ -2,7 +2,8 @@
 
 - `base`: what every data module shares (loaders, samplers, MixUp/CutMix, the resumable training position).
 - `augment`: augmentation options (`Augmentation`) and the per-image pipelines.
-- `device`: CIFAR's device-resident pipeline, augmented in batches where the model runs.
+- `device`: splits held on the training device (CIFAR, small-image folders), augmented there in batches;
+  `batched_ops`: RandAugment and ColorJitter for whole batches.
 - `images`: which files are images, and reading them.
 - `digits` (offline default), `cifar` (CIFAR-10/100), `folders` (image folders, and folders to predict).
 """

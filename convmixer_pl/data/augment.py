@@ -31,6 +31,9 @@ class Augmentation:
     """Training augmentation; a step whose strength is 0 is left out.
 
     Args:
+        crop_size: RandomResizedCrop's output size: the training image size; None: `data.image_size`, which
+            evaluation uses. A smaller crop trains faster, and testing at a larger size than the crops suits
+            networks trained on random-resized crops (FixRes, Touvron et al. 2019).
         scale: RandomResizedCrop's range of the crop's area, as a fraction of the image's.
         ratio: RandomResizedCrop's range of the crop's aspect ratio.
         hflip: Probability of a horizontal flip.
@@ -52,6 +55,7 @@ class Augmentation:
         mix_prob: Probability of mixing a batch at all.
     """
 
+    crop_size: int | None = None
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
@@ -71,6 +75,8 @@ class Augmentation:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(self.scale))
         object.__setattr__(self, "ratio", tuple(self.ratio))
+        if self.crop_size is not None and self.crop_size <= 0:
+            raise DataError(f"data.augment.crop_size must be positive (or null: data.image_size), got {self.crop_size}")
         if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]):
             raise DataError(f"data.augment.scale {self.scale} must be 0 < low <= high <= 1 and data.augment.ratio "
                              f"{self.ratio} 0 < low <= high")
@@ -94,10 +100,10 @@ class Augmentation:
                 raise DataError(f"data.augment.{name} must be in [0, 1], got {getattr(self, name)}")
 
     def train_transform(self, image_size: int, mean, std) -> v2.Compose:
-        """The per-image training pipeline."""
+        """The per-image training pipeline; its crops are `crop_size`, else `image_size`."""
         def crop(mode: str) -> v2.RandomResizedCrop:
-            return v2.RandomResizedCrop(image_size, scale=self.scale, ratio=self.ratio, interpolation=_mode(mode),
-                                        antialias=True)
+            return v2.RandomResizedCrop(self.crop_size or image_size, scale=self.scale, ratio=self.ratio,
+                                        interpolation=_mode(mode), antialias=True)
 
         steps = [v2.ToImage(), v2.RandomChoice([crop("bilinear"), crop("bicubic")])
                  if self.interpolation == "random" else crop(self.interpolation)]

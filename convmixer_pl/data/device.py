@@ -141,7 +141,8 @@ class BatchAugment:
     @classmethod
     def from_augmentation(cls, augment: Augmentation, image_size: int, mean: Sequence[float],
                           std: Sequence[float]) -> BatchAugment:
-        return cls(image_size, mean, std, augment.scale, augment.ratio, augment.hflip, erase_prob=augment.re_prob,
+        return cls(augment.crop_size or image_size, mean, std, augment.scale, augment.ratio, augment.hflip,
+                   erase_prob=augment.re_prob,
                    erase_value=None if augment.re_mode == "pixel" else 0.0, ra_num_ops=augment.ra_num_ops,
                    ra_magnitude=augment.ra_magnitude, ra_magnitude_bins=augment.ra_magnitude_bins,
                    ra_interpolation=augment.ra_interpolation, color_jitter=augment.color_jitter)

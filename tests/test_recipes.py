@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def data_args(config: str, cifar_root: Path, image_folder: Path) -> list[str]:
-    if config.startswith("cifar"):
+    data_class = yaml.safe_load((CONFIGS / config).read_text())["data"]["class_path"]
+    if data_class.endswith("CIFARDataModule"):
         return ["--data.init_args.root", str(cifar_root), "--data.init_args.verify_checksums", "false",
                 "--data.init_args.val_fraction", "0.1", "--data.init_args.batch_size", "8",
                 "--data.init_args.num_workers", "0", "--data.init_args.pin_memory", "false"]
@@ -203,7 +204,7 @@ def test_validate_released_weights_without_a_checkpoint(tmp_path, image_folder, 
     monkeypatch.chdir(tmp_path)
     release = write_release(tmp_path / "release_relu.pth.tar", num_classes=3)
     args = ["--config", str(CONFIGS / "finetune_imagefolder.yaml"), *TINY_MODEL,
-            *data_args("finetune", tmp_path, image_folder), "--model.pretrained", str(release)]
+            *data_args("finetune_imagefolder.yaml", tmp_path, image_folder), "--model.pretrained", str(release)]
     cli = ConvMixerCLI(args=["validate", *args, "--name", "released"])
     assert "validate uses the weights of model.pretrained" in capsys.readouterr().err
     saved = torch.load(release)
@@ -217,7 +218,8 @@ def test_checkpoint_runs_do_not_need_the_pretrained_file_again(tmp_path, image_f
     monkeypatch.chdir(tmp_path)
     release = write_release(tmp_path / "release.pth.tar")
     args = ["--config", str(CONFIGS / "finetune_imagefolder.yaml"), *TINY_MODEL,
-            *data_args("finetune", tmp_path, image_folder), "--name", "ft", "--model.pretrained", str(release)]
+            *data_args("finetune_imagefolder.yaml", tmp_path, image_folder), "--name", "ft",
+            "--model.pretrained", str(release)]
     ConvMixerCLI(args=["fit", *args, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
                        "--trainer.limit_val_batches", "1"])
     release.unlink()
@@ -230,7 +232,7 @@ def test_console_script_fine_tunes_a_release(tmp_path, image_folder, convmixer):
     """End to end through the installed command: it trains, and says in one line that the head is new."""
     good = write_release(tmp_path / "good_relu.pth.tar")
     done = convmixer("fit", "--config", CONFIGS / "finetune_imagefolder.yaml", *TINY_MODEL,
-                     *data_args("finetune", tmp_path, image_folder), "--trainer.fast_dev_run", "1",
+                     *data_args("finetune_imagefolder.yaml", tmp_path, image_folder), "--trainer.fast_dev_run", "1",
                      "--model.pretrained", good, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     told = [line for line in done.stderr.splitlines() if "re-initialised" in line]
@@ -243,7 +245,7 @@ def test_a_release_that_does_not_fit_is_a_one_line_error(tmp_path, image_folder,
     wrong = write_release(tmp_path / "k9_relu.pth.tar", kernel_size=9)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIGS / "finetune_imagefolder.yaml"), *TINY_MODEL,
-              *data_args("finetune", tmp_path, image_folder), "--model.pretrained", str(wrong)])
+              *data_args("finetune_imagefolder.yaml", tmp_path, image_folder), "--model.pretrained", str(wrong)])
     assert exit_info.value.code == 2
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("convmixer: error:")]
     assert len(error) == 1 and "wrong shapes [blocks.0.0.fn.0.weight (8, 1, 9, 9) vs (8, 1, 7, 7)]" in error[0]

@@ -9,6 +9,7 @@ random augmentation (random resized crops, flips, MixUp), so the RNG states matt
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import random
 import re
@@ -32,6 +33,8 @@ from convmixer_pl.checkpoints import TMP_SUFFIX, AtomicCheckpointIO, read_checkp
 from convmixer_pl.cli import ConvMixerCLI, main
 from convmixer_pl.data import ImageFolderDataModule
 from convmixer_pl.data.base import EpochSampler, SeededAugmentation, TensorImageDataset
+from convmixer_pl.files import TMP_SUFFIX as OUTPUT_TMP_SUFFIX
+from convmixer_pl.files import OutputError, atomic_write
 
 STEPS_PER_EPOCH, EPOCHS = 10, 3  # 120 training images, batches of 12
 
@@ -354,3 +357,75 @@ def test_atomic_writer_leaves_only_the_checkpoint(tmp_path):
     io.save_checkpoint({"x": torch.ones(2)}, tmp_path / "sub" / "a.ckpt")
     assert torch.equal(io.load_checkpoint(tmp_path / "sub" / "a.ckpt")["x"], torch.ones(2))
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.ckpt"]  # no temporary left behind
+
+
+# -- every other output: atomic_write ----------------------------------------------------------------------------
+
+def test_atomic_write_replaces_the_file_and_leaves_nothing_else(tmp_path):
+    target = tmp_path / "sub" / "out.csv"
+    for text in ("first\n", "second\n"):
+        with atomic_write(target, newline="") as handle:
+            handle.write(text)
+            assert not target.exists() or target.read_text() != text  # written beside it, moved in at the end
+    assert target.read_text() == "second\n"
+    with atomic_write(target, "wb") as handle:
+        handle.write(b"\x89PNG")
+    assert target.read_bytes() == b"\x89PNG"
+    assert [p.name for p in target.parent.iterdir()] == ["out.csv"]
+
+
+def test_atomic_write_failing_mid_write_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "predictions.csv"
+    target.write_text("the good file\n")
+    with pytest.raises(RuntimeError, match="the writer broke"), atomic_write(target) as handle:
+        handle.write("half of a new one")
+        raise RuntimeError("the writer broke")
+    assert target.read_text() == "the good file\n"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("convmixer_pl.files.os.fsync", full)  # the disk fills while the new file is written
+    with pytest.raises(OutputError) as error, atomic_write(target) as handle:
+        handle.write("a new file")
+    message = str(error.value)
+    assert message.startswith(f"cannot write {target}: no space left") and "free some space" in message
+    assert "\n" not in message
+    assert target.read_text() == "the good file\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]  # no temporary left
+    assert not list(tmp_path.glob(f".*{OUTPUT_TMP_SUFFIX}"))
+
+
+def test_atomic_write_to_a_folder_or_under_a_file_is_one_line(tmp_path):
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    with pytest.raises(OutputError, match=rf"^cannot write {re.escape(str(folder))}: it is a folder; give a file"):
+        with atomic_write(folder) as handle:
+            handle.write("x")
+    assert folder.is_dir() and not list(folder.iterdir())
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for target in (a_file / "out.csv", a_file / "deeper" / "out.csv"):
+        with pytest.raises(OutputError, match=rf"^cannot write {re.escape(str(target))}: a file is in the way"):
+            with atomic_write(target) as handle:
+                handle.write("x")
+    assert a_file.read_text() == "mine"
+    with pytest.raises(OutputError, match="no folder .*; create it"), atomic_write(tmp_path / "new" / "a.csv",
+                                                                                   make_parents=False):
+        pass
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="permissions do not bind root")
+def test_atomic_write_into_a_read_only_folder_is_one_line(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    (folder / "out.csv").write_text("old")
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="Permission denied; choose a folder you can write to"):
+            with atomic_write(folder / "out.csv") as handle:
+                handle.write("new")
+    finally:
+        folder.chmod(0o755)
+    assert (folder / "out.csv").read_text() == "old"

@@ -1,0 +1,111 @@
+"""Writing files so that a failure never leaves less than there was.
+
+`atomic_write` writes to a temporary file beside the target (`.<name>.<pid>.convmixer-tmp`), flushes and fsyncs
+it, and moves it into place with `os.replace`: a crash, a full disk or an error in the middle leaves the old file
+(or none) and never a truncated one. Failures to write are one-line `OutputError`s naming the path and the fix.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+TMP_SUFFIX = ".convmixer-tmp"  # `.<name>.<pid>.convmixer-tmp` beside the target; a dead writer's is removable
+
+# errors of the file system itself, whoever raised them inside the `with` block: the output cannot be written
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+class OutputError(ValueError):
+    """An output file cannot be written (a folder in the way, no permission, a full disk); one line."""
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """Where `atomic_write` stages `path` in this process: hidden, beside it, on the same file system."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def _reason(path: Path, err: OSError) -> str:
+    """One line: what is wrong with writing `path`, and what to do about it."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (f"cannot write {path}: no space left on its device ({err.strerror}); free some space or write "
+                "it elsewhere (any previous file there is unchanged)")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: {err.strerror}; choose a folder you can write to"
+    if err.errno == errno.ENOTDIR or (err.errno == errno.EEXIST and not path.parent.is_dir()):
+        return f"cannot write {path}: a file is in the way of its folder; choose another path"
+    return f"cannot write {path}: {err.strerror or err}"
+
+
+def _check_target(path: Path, make_parents: bool) -> None:
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder; give a file name (such as {path / path.name})")
+    if not path.parent.is_dir():
+        if not make_parents:
+            raise OutputError(f"cannot write {path}: no folder {path.parent}; create it or choose another path")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(_reason(path, err)) from err
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", *, make_parents: bool = True,
+                 **open_kwargs) -> Iterator[IO]:
+    """Open a temporary file for writing `path` (text with mode "w", bytes with "wb"), moved into place on success.
+
+    `open_kwargs` go to `open` (newline, encoding, ...). Missing parent folders are created unless `make_parents`
+    is false. If the block raises, the temporary file is removed and `path` is left as it was; errors of the file
+    system (a folder in the way, no permission, a full disk) become one-line `OutputError`s.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    _check_target(path, make_parents)
+    tmp = temporary_path(path)
+    try:
+        handle = open(tmp, mode, **open_kwargs)
+    except OSError as err:
+        raise OutputError(_reason(path, err)) from err
+    try:
+        with handle:
+            try:
+                yield handle
+            except OSError as err:
+                if err.errno in _STORAGE_ERRORS:
+                    raise OutputError(_reason(path, err)) from err
+                raise
+            try:
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError as err:
+                raise OutputError(_reason(path, err)) from err
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise OutputError(_reason(path, err)) from err
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # already gone, or its folder went away: nothing of ours is left to clean
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename in `folder` durable (a no-op where folders cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

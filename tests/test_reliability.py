@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -216,6 +217,48 @@ def test_sigterm_and_sigint_save_a_checkpoint_then_exit(data, reference, tmp_pat
     if signum == signal.SIGTERM:  # preemption: the same command with --ckpt_path last finishes the run exactly
         resumed = resume(data, run / "last.ckpt", run)
         assert_same_weights(weights(resumed), reference["weights"])
+
+
+class SignalDuringValidation(Callback):
+    """Sends SIGTERM to this process after the first validation batch of the first epoch (not the sanity check)."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
+        if not trainer.sanity_checking and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def logged_in_all_versions(dirpath: Path) -> dict[tuple[int, str], float]:
+    """`logged`, over every metrics.csv of the folder (an interrupted run's and its resumed run's)."""
+    values: dict[tuple[int, str], float] = {}
+    for path in sorted(dirpath.glob("lightning_logs/version_*/metrics.csv")):
+        with open(path) as f:
+            values.update({(int(row["step"]), name): float(value) for row in csv.DictReader(f)
+                           for name, value in row.items() if value and name != "step" and "per_sec" not in name})
+    return values
+
+
+def test_sigterm_during_validation_keeps_the_epochs_training_metrics(data, reference, tmp_path, capsys):
+    """Lightning logs an epoch's training metrics after the `on_train_epoch_end` hooks: the stop waits for them."""
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(data, run, f"--trainer.callbacks+={__name__}.SignalDuringValidation"))
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 143, stderr[-3000:]
+    assert f"stopped by SIGTERM after step {STEPS_PER_EPOCH}; saved {run / 'last.ckpt'}." in stderr
+    assert read_checkpoint(run / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
+    stopped = logged_in_all_versions(run)
+    epoch_end = {name for step, name in stopped if step == STEPS_PER_EPOCH - 1}
+    assert {"train/loss_epoch", "train/acc1", "val/acc1", "val/loss"} <= epoch_end, epoch_end
+    resumed = resume(data, run / "last.ckpt", run)
+    assert_same_weights(weights(resumed), reference["weights"])
+    after = logged_in_all_versions(run)  # the stopped run's logs and the resumed run's: all of them, once
+    assert after.keys() == reference["logged"].keys(), after.keys() ^ reference["logged"].keys()
+    for key, value in after.items():
+        assert value == pytest.approx(reference["logged"][key], rel=1e-6, abs=1e-7), key
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys):

@@ -1,5 +1,9 @@
 """Stopping safely: SIGTERM/SIGINT save `last.ckpt` after the current step and stop; a non-finite loss stops the
-run before its update reaches the weights; a checkpoint with non-finite weights is never written."""
+run before its update reaches the weights; a checkpoint with non-finite weights is never written.
+
+A signal that arrives while an epoch's validation runs stops the run after that epoch's end, once Lightning has
+logged the epoch's training metrics (it logs them after the `on_train_epoch_end` hooks, so raising there would
+lose them)."""
 
 from __future__ import annotations
 
@@ -59,9 +63,11 @@ class StopGuard(Callback):
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._signalled: bool | None = None  # whether any process got a signal, as of this step's loss check
+        self._stop_after_epoch = False  # a signal came after the epoch's last step: stop when the epoch is logged
 
     # -- signals -------------------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
+        self._stop_after_epoch = False
         if not self.handle_signals:
             return
         if threading.current_thread() is threading.main_thread():
@@ -73,8 +79,8 @@ class StopGuard(Callback):
 
     def _on_signal(self, signum: int, frame) -> None:
         self._signal = signum
-        say(f"got {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-            "(send it again to stop without saving)")
+        say(f"got {signal.Signals(signum).name}: saving a checkpoint after this step (or this epoch's validation), "
+            "then stopping (send it again to stop without saving)")
         signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
 
     def _restore_signal_handlers(self) -> None:
@@ -84,6 +90,9 @@ class StopGuard(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_signal_handlers()
+        if self._stop_after_epoch:  # the epoch, its logs and the run's epoch-end checkpoint are complete
+            self._stop_after_epoch = False
+            self._stop(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_signal_handlers()
@@ -93,15 +102,20 @@ class StopGuard(Callback):
         self._stop_if_signalled(trainer, signalled)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._stop_if_signalled(trainer)
+        # a signal during the epoch's validation: let Lightning log the epoch's training metrics, then stop
+        if self.handle_signals and _on_any_rank(trainer, self._signal is not None)[0]:
+            trainer.should_stop = True
+            self._stop_after_epoch = True
 
     def _stop_if_signalled(self, trainer, signalled: bool | None = None) -> None:
         """Stop if any process got a signal; `signalled` is that answer when this step's check already has it."""
         if not self.handle_signals:
             return
         stop = signalled if signalled is not None else _on_any_rank(trainer, self._signal is not None)[0]
-        if not stop:
-            return
+        if stop:
+            self._stop(trainer)
+
+    def _stop(self, trainer) -> None:
         signum = self._signal or signal.SIGTERM
         checkpoint = run_checkpoint(trainer)
         path = checkpoint.write_last(trainer) if checkpoint else _save_beside_logs(trainer)

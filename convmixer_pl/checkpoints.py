@@ -9,6 +9,7 @@ renamed over it, so a `kill -9` at any moment leaves the old file or the new one
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import warnings
@@ -22,6 +23,9 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .console import say
+from .model import ConvMixer
+from .module import ConvMixerClassifier
+from .weights import state_differences
 
 TMP_SUFFIX = ".convmixer-tmp"  # temporary checkpoint files: `.<name>.<pid>.convmixer-tmp` beside the target
 LAST = "last.ckpt"
@@ -41,7 +45,7 @@ def best_or_last(dirpath: Path) -> Path | None:
     state = read_checkpoint(last)  # a damaged file: one line naming it, not a traceback
     for key, value in state.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
-            best = Path(value["best_model_path"])
+            best = dirpath / Path(value["best_model_path"]).name  # this folder's, wherever the run was written
             if best.is_file():
                 return best
     return last
@@ -91,7 +95,28 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"--ckpt_path {path} is not a Lightning checkpoint (it has no state_dict entry; a "
                               "bare model state dict goes in model.pretrained instead); pass a .ckpt written by "
                               "`convmixer fit`")
+    if checkpoint.get("hyper_parameters"):
+        checkpoint["hyper_parameters"] = upgrade_hparams(checkpoint["hyper_parameters"])
     return checkpoint
+
+
+LEGACY_PREPROCESSING = ("class_names", "mean", "std", "crop_pct", "interpolation")
+
+
+def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters of checkpoints written before the preprocessing was one `data_config` (separate class_names,
+    mean, std, crop_pct, interpolation): folded into one, with the defaults they had then."""
+    if not any(key in hparams for key in LEGACY_PREPROCESSING):
+        return hparams
+    hparams = dict(hparams)
+    old = {key: hparams.pop(key, None) for key in LEGACY_PREPROCESSING}
+    if old["mean"] is not None and old["std"] is not None and hparams.get("image_size"):
+        hparams["data_config"] = {"image_size": hparams["image_size"], "in_chans": hparams.get("in_chans", 3),
+                                  "mean": list(old["mean"]), "std": list(old["std"]),
+                                  "crop_pct": old["crop_pct"] or 1.0,
+                                  "interpolation": old["interpolation"] or "bilinear",
+                                  "class_names": list(old["class_names"] or [])}
+    return hparams
 
 
 def check_hparams(path: str | os.PathLike, checkpoint: dict[str, Any], accepted: set[str]) -> dict[str, Any]:
@@ -113,9 +138,8 @@ def check_resumable(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None
 
 
 def check_compatible(path: str | os.PathLike, checkpoint: dict[str, Any], module: torch.nn.Module) -> None:
-    """Raise a CheckpointError naming the difference if `checkpoint` cannot load into `module` strictly."""
-    from .weights import WeightsError, load_state
-
+    """Raise a CheckpointError naming the difference if `checkpoint` cannot load into `module` strictly (names and
+    shapes only: Lightning loads the weights)."""
     saved, wanted = checkpoint["state_dict"], module.state_dict()
     head = next((k for k in wanted if k.endswith("head.weight")), None)
     stem = next((k for k in wanted if k.endswith("stem.0.weight")), None)
@@ -126,11 +150,9 @@ def check_compatible(path: str | os.PathLike, checkpoint: dict[str, Any], module
     if stem in saved and saved[stem].shape[1] != wanted[stem].shape[1]:
         raise CheckpointError(f"--ckpt_path {path} expects {saved[stem].shape[1]}-channel images but the data has "
                               f"{wanted[stem].shape[1]}; use the data set it was trained on")
-    try:
-        load_state(module, saved)
-    except WeightsError as err:
-        raise CheckpointError(f"--ckpt_path {path} holds a different architecture than the model ({err}); pass "
-                              "a checkpoint of this model or drop the model options that differ") from err
+    if problems := state_differences(module, saved):
+        raise CheckpointError(f"--ckpt_path {path} holds a different architecture than the model ({problems}); "
+                              "pass a checkpoint of this model or drop the model options that differ")
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:
@@ -153,11 +175,6 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
 
 def load_module(path: str | os.PathLike):
     """The trained `ConvMixerClassifier` of a `convmixer fit` checkpoint, on the CPU, in eval mode (one read)."""
-    import inspect
-
-    from .model import ConvMixer
-    from .module import ConvMixerClassifier
-
     checkpoint = read_checkpoint(path)
     accepted = set(inspect.signature(ConvMixerClassifier).parameters) | set(inspect.signature(ConvMixer).parameters)
     hparams = check_hparams(path, checkpoint, accepted)

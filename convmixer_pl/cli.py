@@ -1,29 +1,33 @@
-"""The `convmixer` command: LightningCLI with stable checkpoint folders and safe evaluation defaults, and the
-tools (`convmixer export|plots|serve|benchmark`).
+"""The `convmixer` command: LightningCLI with stable run folders, safe evaluation defaults and the tools.
 
     convmixer fit|validate|test|predict --config FILE [--section.key value ...]
-    convmixer <tool> --help
+    convmixer export|serve|plots|benchmark|sweep [--config FILE] [--key value ...]
+    convmixer --help
+
+Every subcommand is parsed by the same jsonargparse parser: a tool's options are its command function's
+parameters (`TOOLS`), so `--config` works for tools as for `fit`.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import os
 import signal
 import sys
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
-import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
-from .callbacks import PerClassReport, PlotWriter, PredictionWriter, ResumeState, StopGuard, ThroughputCallback
+from .callbacks import PerClassReport, PlotWriter, PredictionWriter, StopGuard, ThroughputCallback
 from .callbacks.guards import TrainingStopped
 from .checkpoints import (
     AtomicCheckpointIO,
@@ -37,18 +41,28 @@ from .checkpoints import (
     resolve_ckpt_path,
 )
 from .console import debugging, fail, run_entry_point, say
-from .data import DataError, FolderPredictDataModule, ImageDataModule
-from .model import VARIANTS, ConvMixer
+from .data import ImageDataModule
+from .model import ConvMixer
 from .module import ConvMixerClassifier
+from .resume import ResumeState
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-LINKED = ("num_classes", "in_chans", "image_size", "class_names", "mean", "std", "crop_pct", "interpolation")
-TOOLS = {  # convmixer <tool> ...: module and what it does
-    "export": ("convmixer_pl.export", "export a checkpoint (ONNX, torch.export, a timm/Hugging Face folder)"),
-    "serve": ("convmixer_pl.serve", "serve a checkpoint over HTTP (LitServe)"),
-    "plots": ("convmixer_pl.plots", "draw a checkpoint's pictures again"),
-    "benchmark": ("convmixer_pl.benchmark", "training and inference speed against a plain PyTorch loop"),
+TOOLS = {  # convmixer <tool>: the module and its command function (whose parameters are the tool's options)
+    "export": ("convmixer_pl.export", "export"),
+    "serve": ("convmixer_pl.serve", "serve"),
+    "plots": ("convmixer_pl.plots", "plots"),
+    "benchmark": ("convmixer_pl.benchmark", "benchmark"),
+    "sweep": ("convmixer_pl.sweep", "sweep"),
 }
+
+
+class ToolFinished(Exception):
+    """A tool subcommand ran to the end (LightningCLI would go on to build a model and a trainer)."""
+
+
+def tool_function(name: str):
+    module, function = TOOLS[name]
+    return getattr(importlib.import_module(module), function)
 
 
 class CLIError(ValueError):
@@ -61,56 +75,6 @@ def default_loggers(root: str) -> list:
     csv = CSVLogger(root, version=tensorboard.version)
     csv.experiment  # noqa: B018 -- opens the folder while empty: later, CSVLogger warns about files in it
     return [tensorboard, csv]
-
-
-def expand_shorthands(argv: list[str]) -> list[str]:
-    """`--model <variant>` becomes that variant's architecture (`convmixer_pl.model.VARIANTS`), and for `predict`
-    `--data <folder>` becomes `--data FolderPredictDataModule --data.root <folder>`. jsonargparse reads either
-    value as a class name or a config file; a variant name and a folder are neither."""
-    subcommand = next((arg for arg in argv if arg in SUBCOMMANDS), None)
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--model", "--data") and i + 1 < len(argv):
-            key, value, i = arg, argv[i + 1], i + 2
-        elif arg.startswith(("--model=", "--data=")):
-            (key, value), i = arg.split("=", 1), i + 1
-        else:
-            out.append(arg)
-            i += 1
-            continue
-        if key == "--model" and value in VARIANTS:
-            arch = {k: v for k, v in VARIANTS[value].items() if k not in LINKED}  # those come from the data
-            out += ["--model", yaml.safe_dump(arch)]
-        elif key == "--data" and subcommand == "predict" and Path(value).is_dir():
-            out += ["--data", f"{FolderPredictDataModule.__module__}.{FolderPredictDataModule.__name__}",
-                    "--data.root", value]
-        elif (key == "--data" and subcommand == "predict" and os.sep in value and not value.lstrip().startswith("{")
-              and not Path(value).exists()):
-            raise DataError(f"--data {value}: no such folder of images (or config file)")
-        else:
-            out += [key, value]
-    return out
-
-
-def checkpoint_model_args(argv: list[str], read=read_checkpoint) -> tuple[list[str], tuple[str, dict] | None]:
-    """`argv` with the architecture of the file that `--ckpt_path` names put first (right after the subcommand),
-    so that `convmixer test|predict --ckpt_path X` needs no model options; later options still override it (and
-    Lightning applies the checkpoint's hyper-parameters after parsing). Also the checkpoint, read once."""
-    value = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--ckpt_path"),
-                 next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--ckpt_path=")), None))
-    subcommand = next((i for i, arg in enumerate(argv) if arg in SUBCOMMANDS), None)
-    if value is None or subcommand is None or value in ("last", "best"):
-        return argv, None
-    if not Path(value).is_file():  # said now: parsing would first ask for the architecture it would have given
-        raise CheckpointError(f"--ckpt_path {value}: no such file; pass a .ckpt written by `convmixer fit`, or "
-                              "`last`/`best`")
-    checkpoint = read(value)
-    names = set(inspect.signature(ConvMixer).parameters) - set(LINKED)
-    arch = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in names}
-    if not arch:
-        return argv, (value, checkpoint)
-    return [*argv[:subcommand + 1], "--model", yaml.safe_dump(arch), *argv[subcommand + 1:]], (value, checkpoint)
 
 
 class ConvMixerParser(LightningArgumentParser):
@@ -126,23 +90,44 @@ class ConvMixerParser(LightningArgumentParser):
 class ConvMixerCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True) -> None:
         self._checkpoint: tuple[str, dict] | None = None  # the --ckpt_path file, read once to check it
-        tools = "; ".join(f"convmixer {name}: {what}" for name, (_, what) in TOOLS.items())
+        argv = sys.argv[1:] if args is None else args
+        # the tools' options are built (their modules imported) only when a tool or the overview is asked for
+        self._with_tools = not isinstance(argv, dict) and not any(str(arg) in SUBCOMMANDS for arg in argv)
         super().__init__(
             ConvMixerClassifier,
             ImageDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             parser_class=ConvMixerParser,
-            parser_kwargs={"description": f"Train and evaluate ConvMixer. Tools: {tools}."},
+            parser_kwargs={"description": "Train, evaluate, export, serve and sweep ConvMixer. `convmixer "
+                                          "SUBCOMMAND --help` lists a subcommand's options."},
             # images/s in every fit's logs; every process's RNG states in every checkpoint (exact resume)
             trainer_defaults={"callbacks": [ThroughputCallback(), ResumeState()]},
+            # AdamW + one-cycle are the module's (configure_optimizers); no --optimizer/--lr_scheduler to replace them
+            auto_configure_optimizers=False,
             args=args,
             run=run,
         )
 
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.add_argument("--version", action="version", version=f"convmixer-pl {version('convmixer-pl')}")
+        return parser
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        if not self._with_tools:
+            return
+        subcommands = parser._subcommands_action  # jsonargparse's, made by add_subcommands() in the call above
+        for name in TOOLS:
+            function = tool_function(name)
+            tool = self.init_parser(description=inspect.getdoc(function).split("\n\n")[0])
+            tool.add_function_arguments(function, fail_untyped=True)
+            subcommands.add_subcommand(name, tool, help=inspect.getdoc(function).split("\n")[0])
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--name", type=str, default="default",
-                            help="Experiment name: checkpoints and logs go to checkpoints/<name>/ unless "
+                            help="Run name: checkpoints and logs go to checkpoints/<name>/ unless "
                                  "checkpoint.dirpath says otherwise")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(StopGuard, "reliability")
@@ -157,18 +142,16 @@ class ConvMixerCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
             "data": {"class_path": "convmixer_pl.data.DigitsDataModule"},
         })
-        for key in LINKED:  # a data module that does not know one (a folder to predict) leaves the model's
-            parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+        # the preprocessing and classes, as one object; a data module that does not know them (a folder to
+        # predict) has no data_config, and the model keeps its own (a checkpoint's)
+        parser.link_arguments("data.data_config", "model.data_config", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        # sys.argv is read, not rewritten: DDP ranks re-run the same command line and expand it the same way
         argv = sys.argv[1:] if args is None else args
-        if isinstance(argv, dict):
-            self.config = parser.parse_object(argv)
-        else:
-            argv, self._checkpoint = checkpoint_model_args(expand_shorthands([str(a) for a in argv]))
-            self.config = parser.parse_args(argv)
+        self.config = parser.parse_object(argv) if isinstance(argv, dict) else parser.parse_args(argv)
         subcommand = self.config.get("subcommand")
+        if subcommand in TOOLS:
+            self._run_tool(subcommand)
         if subcommand is None:
             return
         config = self.config[subcommand]
@@ -185,6 +168,26 @@ class ConvMixerCLI(LightningCLI):
             say(f"{subcommand} uses the weights of model.pretrained {config.model.pretrained}")
         self._check_checkpoint_and_folders(subcommand, config)
         self._fall_back_to_cpu(config.trainer)
+
+    def _run_tool(self, name: str) -> None:
+        function = tool_function(name)
+        options = self.parser.instantiate_classes(self.config)[name]
+        wrote = function(**{key: options[key] for key in inspect.signature(function).parameters if key in options})
+        if wrote is not None:
+            print(f"convmixer {name}: wrote {wrote}", file=sys.stderr, flush=True)
+        raise ToolFinished
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's: the checkpoint's hyper-parameters (the architecture and data config it was trained with)
+        applied to the model's config; read through `read_checkpoint` (memory-mapped, checked, older checkpoints'
+        hyper-parameters upgraded), once."""
+        if self._checkpoint is None:
+            return
+        hparams = dict(self._checkpoint[1].get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if hparams:
+            subcommand = self.config.subcommand
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def _check_checkpoint_and_folders(self, subcommand: str, config) -> None:
         """Refuse, in one line, a --ckpt_path that is not a usable checkpoint and a folder that cannot be written."""
@@ -268,6 +271,8 @@ class ConvMixerCLI(LightningCLI):
 def _run_cli(args) -> None:
     try:
         ConvMixerCLI(args=args)
+    except ToolFinished:
+        return
     except TrainingStopped as err:  # a signal or a non-finite loss: the message says what was saved
         if debugging():
             raise
@@ -292,11 +297,6 @@ def quiet_known_noise() -> None:
 
 def main(args: list[str] | None = None) -> None:
     quiet_known_noise()
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in TOOLS:
-        import importlib
-
-        return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
     run_entry_point(lambda: _run_cli(args))
 
 

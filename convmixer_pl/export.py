@@ -1,38 +1,37 @@
-"""Export a trained checkpoint for deployment, with a dynamic batch size, or to share it with timm.
+"""`convmixer export`: a trained checkpoint for deployment, with a dynamic batch size, or to share it with timm.
 
     convmixer export --ckpt_path checkpoints/digits/last.ckpt --format onnx --output model.onnx
     convmixer export --ckpt_path checkpoints/digits/last.ckpt --format pt2 --output model.pt2
-    convmixer export --ckpt_path checkpoints/digits/last.ckpt --format hf --output digits_hf [--push-to-hub REPO]
-
-(`python -m convmixer_pl.export ...` is the same.)
+    convmixer export --ckpt_path checkpoints/digits/last.ckpt --format hf --output digits_hf [--push_to_hub REPO]
 
 `onnx`: ONNX (opset 18 by default, at least 17) through torch.onnx's exporter; run it with onnxruntime.
 `pt2`: a `torch.export` program; load it with `torch.export.load(path).module()`.
 (TorchScript is not offered: torch.jit is deprecated in favour of torch.export.)
-`hf`: a folder in the layout timm reads from the Hugging Face hub (`hub.py`, docs/sharing.md); `--push-to-hub`
+`hf`: a folder in the layout timm reads from the Hugging Face hub (`hub.py`, docs/sharing.md); `--push_to_hub`
 uploads it.
 
 The exported graph maps normalised images (N, in_chans, image_size, image_size) to logits (N, num_classes). The
-preprocessing and class names (image_size, in_chans, mean, std, crop_pct, interpolation, class_names) travel with
-the file as JSON: ONNX metadata property `convmixer`, the extra file `convmixer.json` of a .pt2 archive, and
-timm's `pretrained_cfg` and `label_names` in the folder's config.json.
+checkpoint's data config travels with the file in timm's terms, the same in every format: `pretrained_cfg`
+(input_size, mean, std, crop_pct, interpolation), `label_names` and `num_classes`, as the JSON of the ONNX metadata
+property `convmixer`, the extra file `convmixer.json` of a .pt2 archive, and the folder's config.json. Each output
+is written under a temporary name and moved into place.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from . import hub
 from .checkpoints import load_module
-from .console import fail, run_entry_point, say
-
-METADATA_KEYS = ("image_size", "in_chans", "num_classes", "mean", "std", "crop_pct", "interpolation")
+from .console import say
+from .files import OutputError, atomic_write, temporary_path
 
 
 class ExportError(ValueError):
@@ -40,19 +39,17 @@ class ExportError(ValueError):
 
 
 def metadata(module) -> dict:
-    """The preprocessing and class names that travel with an exported file."""
-    hparams = module.hparams
-    meta = {key: hparams.get(key) for key in METADATA_KEYS}
-    meta["class_names"] = module.class_names
-    meta["output"] = "logits"
-    return meta
+    """The preprocessing and class names that travel with an exported file, in timm's config.json terms."""
+    config = module.data_config
+    if config is None:
+        raise ExportError("the checkpoint stores no data config (preprocessing and classes); export a checkpoint "
+                          "written by `convmixer fit`")
+    return {"pretrained_cfg": config.pretrained_cfg(), "label_names": module.class_names,
+            "num_classes": module.num_classes, "output": "logits"}
 
 
 def example_input(module, batch_size: int = 2) -> torch.Tensor:
-    in_chans, size, _ = module.data_config["input_size"]
-    if not size:
-        raise ExportError("the checkpoint has no image_size; it is needed to trace the model")
-    return torch.randn(batch_size, in_chans, size, size)  # batch 2: the batch dimension is not specialised to 1
+    return torch.randn(batch_size, *module.data_config.input_size)  # batch 2: not specialised to 1
 
 
 _DYNAMIC_BATCH = ({0: torch.export.Dim("batch")},)
@@ -63,16 +60,37 @@ def write_onnx(module, output: Path, opset: int = 18) -> None:
                                 output_names=["logits"], opset_version=opset, dynamo=True,
                                 dynamic_shapes=_DYNAMIC_BATCH, verbose=False)
     program.model.metadata_props["convmixer"] = json.dumps(metadata(module))
-    program.save(str(output))
+    tmp = temporary_path(output)
+    try:
+        program.save(str(tmp))  # torch.onnx saves to a path: staged beside the target, then moved
+        os.replace(tmp, output)
+    except OSError as err:
+        raise OutputError(f"cannot write {output} ({err.strerror or err}); choose another --output") from err
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_pt2(module, output: Path, **_) -> None:
     program = torch.export.export(module.model, (example_input(module),), dynamic_shapes=_DYNAMIC_BATCH)
-    torch.export.save(program, output, extra_files={"convmixer.json": json.dumps(metadata(module))})
+    with atomic_write(output, "wb") as f:
+        torch.export.save(program, f, extra_files={"convmixer.json": json.dumps(metadata(module))})
 
 
 def write_hf(module, output: Path, **_) -> None:
-    hub.write_folder(module, output)
+    """The folder is written beside `output` and swapped in: an old folder stays whole until the new one is."""
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output {output} is a file; --format hf writes a folder: choose another --output")
+    tmp, old = temporary_path(output), temporary_path(output.with_name(output.name + ".old"))
+    try:
+        hub.write_folder(module, tmp)
+        if output.exists():
+            os.replace(output, old)
+        os.replace(tmp, output)
+    except OSError as err:
+        raise OutputError(f"cannot write {output} ({err.strerror or err}); choose another --output") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # format: (default output: the checkpoint's stem + this, writer(module, output, opset=...))
@@ -91,41 +109,31 @@ def check_request(fmt: str, opset: int) -> None:
         hub.check_packages()
 
 
-def export(ckpt_path: str | os.PathLike, fmt: str = "onnx", output: str | os.PathLike | None = None,
-           opset: int = 18) -> Path:
-    """Export the checkpoint's network (without its Lightning wrapper) and return the written path."""
-    check_request(fmt, opset)
+def export(ckpt_path: str, format: Literal["onnx", "pt2", "hf"] = "onnx", output: str | None = None,
+           opset: int = 18, push_to_hub: str | None = None) -> Path:
+    """Export a checkpoint: ONNX, torch.export (.pt2) or a timm / Hugging Face folder.
+
+    Args:
+        ckpt_path: Checkpoint written by `convmixer fit`.
+        format: onnx, pt2 (torch.export) or hf (a timm / Hugging Face hub folder).
+        output: File (folder for hf) to write; default: beside the checkpoint, named after it (last.onnx,
+            last.pt2, last_hf).
+        opset: ONNX opset (17 or newer).
+        push_to_hub: With format hf: also upload the folder to this Hugging Face hub repo (needs a network and
+            `hf auth login`).
+    """
+    if push_to_hub and format != "hf":
+        raise ExportError(f"--push_to_hub uploads a timm folder: use it with --format hf, not {format}")
+    check_request(format, opset)
     module = load_module(ckpt_path)  # on the CPU, in eval mode
-    suffix, write = FORMATS[fmt]
-    output = Path(output) if output else Path(ckpt_path).with_name(Path(ckpt_path).stem + suffix)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    suffix, write = FORMATS[format]
+    path = Path(output) if output else Path(ckpt_path).with_name(Path(ckpt_path).stem + suffix)
+    if format != "hf" and path.is_dir():
+        raise ExportError(f"--output {path} is a folder; give a file name such as "
+                          f"{path / (Path(ckpt_path).stem + suffix)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        write(module, output, opset=opset)
-    return output
-
-
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="convmixer export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `convmixer fit`")
-    parser.add_argument("--format", default="onnx", choices=list(FORMATS),
-                        help="onnx (default), pt2 (torch.export) or hf (a timm / Hugging Face hub folder)")
-    parser.add_argument("--output", help="file (folder for hf) to write; default: beside the checkpoint, named "
-                                         "after it (last.onnx, last.pt2, last_hf)")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="with --format hf: also upload the folder to this "
-                                                              "Hugging Face hub repo (needs a network and `hf auth "
-                                                              "login`)")
-    args = parser.parse_args(argv)
-    prog = "convmixer export"
-    if args.push_to_hub and args.format != "hf":
-        fail(f"--push-to-hub uploads a timm folder: use it with --format hf, not {args.format}", prog)
-    path = run_entry_point(lambda: export(args.ckpt_path, args.format, args.output, args.opset), prog=prog)
-    say(f"exported {args.ckpt_path} to {path}")
-    if args.push_to_hub:
-        url = run_entry_point(lambda: hub.push(path, args.push_to_hub), prog=prog)
-        say(f"uploaded {path} to the Hugging Face hub: {url}")
+        write(module, path, opset=opset)
+    if push_to_hub:
+        say(f"uploaded {path} to the Hugging Face hub: {hub.push(path, push_to_hub)}")
     return path
-
-
-if __name__ == "__main__":
-    main()

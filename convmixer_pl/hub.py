@@ -33,15 +33,13 @@ def timm_model(module):
     from timm.models.convmixer import ConvMixer
 
     hparams, data = module.hparams, module.data_config
-    missing = [key for key in ("mean", "std") if data[key] is None] + ([] if data["input_size"][1] else ["image_size"])
-    if missing:
-        raise HubError(f"the checkpoint has no {', '.join(missing)}, which timm's config.json needs; train it with "
-                       "`convmixer fit` (it stores them)")
+    if data is None:
+        raise HubError("the checkpoint stores no data config (preprocessing and classes), which timm's config.json "
+                       "needs; export a checkpoint written by `convmixer fit`")
     name, model_args = timm_architecture(hparams)
     shape = trunk(hparams)
-    pretrained_cfg = dict(architecture=name, num_classes=module.num_classes, input_size=tuple(data["input_size"]),
-                          mean=tuple(data["mean"]), std=tuple(data["std"]), crop_pct=float(data["crop_pct"]),
-                          interpolation=data["interpolation"], first_conv="stem.0", classifier="head")
+    pretrained_cfg = dict(architecture=name, num_classes=module.num_classes, **data.pretrained_cfg(),
+                          first_conv="stem.0", classifier="head")
     # timm's builder attaches pretrained_cfg and the traits its writer reads; no registry entry is involved
     model = build_model_with_cfg(ConvMixer, name, False, pretrained_cfg=pretrained_cfg, dim=shape["dim"],
                                  depth=shape["depth"], kernel_size=shape["kernel_size"],
@@ -63,8 +61,6 @@ def write_folder(module, folder: str | os.PathLike) -> Path:
     from timm.models import save_for_hf
 
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise HubError(f"--output {folder} is a file; --format hf writes a folder: choose another --output")
     model, model_args = timm_model(module)
     save_for_hf(model, str(folder), model_config={"label_names": module.class_names}, model_args=model_args,
                 safe_serialization=True)

@@ -14,9 +14,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from .callbacks.resume import mid_epoch, per_process
-from .data.augment import eval_transform
-from .model import ConvMixer
+from .model import VARIANTS, Activation, ConvMixer
+from .preprocessing import DataConfig
+from .resume import load_metric_states, save_metric_states
 from .weights import load_pretrained
 
 
@@ -24,6 +24,24 @@ def one_cycle(step: int, total_steps: int) -> float:
     """The paper's triangle as a factor of the peak lr: interp(t, [0, 2T/5, 4T/5, T], [0, 1, 1/20, 0])."""
     t = total_steps
     return float(np.interp(step, [0, 2 * t / 5, 4 * t / 5, t], [0.0, 1.0, 1 / 20, 0.0]))
+
+
+def architecture(variant: str | None, given: dict[str, Any], config: DataConfig | None) -> dict[str, Any]:
+    """ConvMixer's arguments: the variant's, overridden by those `given` (None: not given), with the classes,
+    channels and image size of `config`."""
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"model.variant {variant!r} is not a ConvMixer variant; choose one of {sorted(VARIANTS)}")
+    arch = {**(VARIANTS[variant] if variant else {}), **{k: v for k, v in given.items() if v is not None}}
+    if "dim" not in arch or "depth" not in arch:
+        raise ValueError(f"the model needs model.dim and model.depth, or model.variant (one of {sorted(VARIANTS)})")
+    if config is not None:
+        for key, value in (("num_classes", config.num_classes), ("in_chans", config.in_chans),
+                           ("image_size", config.image_size)):
+            if given.get(key) not in (None, value):
+                raise ValueError(f"model.{key} {given[key]} differs from the data's {value}; leave model.{key} "
+                                 "unset (it comes from the data)")
+            arch[key] = value
+    return arch
 
 
 def use_channels_last(setting: bool | None, device: torch.device, kernel_size: int) -> bool:
@@ -39,10 +57,26 @@ def use_channels_last(setting: bool | None, device: torch.device, kernel_size: i
 class ConvMixerClassifier(L.LightningModule):
     """ConvMixer image classifier.
 
-    The architecture is `ConvMixer`'s arguments (`dim`, `depth`, `kernel_size`, `patch_size`, `act`, `in_chans`,
-    `num_classes`, `image_size`, `grad_checkpointing`, `fast_depthwise_grad`), passed through as they are.
+    The architecture is a named `variant` (`convmixer_pl.model.VARIANTS`) and/or ConvMixer's arguments: each one
+    given overrides the variant's, unset ones take ConvMixer's defaults, and the classes, input channels and image
+    size come from `data_config` when there is one.
 
     Args:
+        variant: A named architecture: convmixer_1536_20, convmixer_768_32, convmixer_1024_20_ks9_p14 (the paper's
+            ImageNet models) or convmixer_256_8 (the CIFAR-10 script's).
+        dim: Channels of every layer (the "h" of ConvMixer-h/d).
+        depth: Number of mixing blocks (the "d").
+        kernel_size: Depthwise kernel size (odd); ConvMixer's default 9.
+        patch_size: Patch-embedding stride and kernel size; ConvMixer's default 7.
+        act: Activation, gelu (default) or relu.
+        in_chans: Input channels (without a data config; else its).
+        num_classes: Classes (without a data config; else its).
+        image_size: Input size, checked against patch_size (without a data config; else its).
+        grad_checkpointing: Recompute each block's activations in the backward pass instead of storing them.
+        fast_depthwise_grad: On the CPU, the depthwise weight gradient from `convmixer_pl.depthwise`'s kernels.
+        data_config: The evaluation preprocessing and class names (`convmixer_pl.preprocessing.DataConfig`); the
+            CLI links it from the data module, every checkpoint stores it, so `predict`, `serve` and exports
+            preprocess new images as in training.
         label_smoothing: Label smoothing of the cross-entropy loss.
         optimizer: adamw (the paper's) or sgd (momentum 0.9, Nesterov).
         lr: Peak learning rate.
@@ -55,13 +89,6 @@ class ConvMixerClassifier(L.LightningModule):
             CPU and for kernel_size <= 7 on GPUs, off for kernel_size 9 on GPUs (see docs/benchmarks.md).
         compile: Compile the network with `torch.compile` when the trainer starts (the weights' names stay).
         compile_mode: The `torch.compile` mode.
-        class_names: Class names, in label order.
-        mean: Per-channel normalisation mean of the input images.
-        std: Per-channel normalisation std of the input images.
-        crop_pct: Evaluation resize: the short side goes to image_size / crop_pct, then a center crop.
-        interpolation: Evaluation resize interpolation.
-            The CLI links these five (and in_chans, num_classes, image_size) from the data module; every
-            checkpoint stores them, so `predict`, `serve` and exports preprocess new images as in training.
         tta: Test-time augmentation of validate, test and predict (timm's `--tta`): `flip` scores each image by
             the mean logits of the image and its mirror. An evaluation choice, not part of the trained model: it
             is not stored in checkpoints, so `--model.tta flip` applies to any checkpoint.
@@ -69,6 +96,18 @@ class ConvMixerClassifier(L.LightningModule):
 
     def __init__(
         self,
+        variant: str | None = None,
+        dim: int | None = None,
+        depth: int | None = None,
+        kernel_size: int | None = None,
+        patch_size: int | None = None,
+        act: Activation | None = None,
+        in_chans: int | None = None,
+        num_classes: int | None = None,
+        image_size: int | None = None,
+        grad_checkpointing: bool = False,
+        fast_depthwise_grad: bool = True,
+        data_config: DataConfig | None = None,
         label_smoothing: float = 0.1,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 0.01,
@@ -79,25 +118,27 @@ class ConvMixerClassifier(L.LightningModule):
         channels_last: bool | None = None,
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
-        class_names: list[str] | None = None,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
-        crop_pct: float | None = None,
-        interpolation: str | None = None,
         tta: Literal["none", "flip"] = "none",
-        **model_args: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["tta"])
         if tta not in ("none", "flip"):
             raise ValueError(f"model.tta must be 'none' or 'flip', got {tta!r}")
+        config = DataConfig.from_dict(data_config)
+        self.save_hyperparameters(ignore=["tta"])
+        self.hparams["data_config"] = config.as_dict() if config else None  # checkpoints hold plain values
         self.tta = tta
-        self.model = ConvMixer(**model_args)
+        arch = architecture(variant, dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size,
+                                          act=act, in_chans=in_chans, num_classes=num_classes,
+                                          image_size=image_size, grad_checkpointing=grad_checkpointing,
+                                          fast_depthwise_grad=fast_depthwise_grad), config)
+        self.model = ConvMixer(**arch)
         # the whole architecture, ConvMixer's defaults included, so every checkpoint states it
-        arch = inspect.signature(ConvMixer).bind(**model_args)
-        arch.apply_defaults()
-        self.hparams.update(arch.arguments)
+        bound = inspect.signature(ConvMixer).bind(**arch)
+        bound.apply_defaults()
+        self.hparams.update(bound.arguments)
         self._channels_last = self._compiled = False  # applied in setup(), once the device is known
+        if config is not None:  # the model summary's input and output sizes and FLOPs
+            self.example_input_array = torch.zeros(1, *config.input_size)
         if pretrained:
             load_pretrained(self.model, pretrained)
         num_classes = self.model.num_classes
@@ -118,27 +159,22 @@ class ConvMixerClassifier(L.LightningModule):
         return self.model.num_classes
 
     @property
-    def class_names(self) -> list[str]:
-        names = self.hparams.get("class_names")
-        return list(names) if names else [str(i) for i in range(self.num_classes)]
+    def data_config(self) -> DataConfig | None:
+        """The evaluation preprocessing and class names the weights were trained with (None for released weights
+        loaded without a data module)."""
+        return DataConfig.from_dict(self.hparams.get("data_config"))
 
     @property
-    def data_config(self) -> dict[str, Any]:
-        """The evaluation preprocessing, in timm's `pretrained_cfg` terms (input_size as (C, H, W))."""
-        hp, size = self.hparams, self.hparams.get("image_size")
-        return {"input_size": (self.model.in_chans, size, size), "mean": hp.get("mean"), "std": hp.get("std"),
-                "crop_pct": hp.get("crop_pct") or 1.0, "interpolation": hp.get("interpolation") or "bilinear"}
+    def class_names(self) -> list[str]:
+        config = self.data_config
+        return list(config.class_names) if config else [str(i) for i in range(self.num_classes)]
 
     def eval_transform(self):
         """Resize (shorter side), centre-crop and normalise an image as the training data module evaluated."""
-        config = self.data_config
-        missing = [key for key, value in (("image_size", config["input_size"][1]), ("mean", config["mean"]),
-                                          ("std", config["std"])) if value is None]
-        if missing:
-            raise ValueError(f"the model has no {', '.join(missing)} (a checkpoint written before they were "
-                             "stored, or a model built without a data module); train it with `convmixer fit`")
-        return eval_transform(config["input_size"][1], tuple(config["mean"]), tuple(config["std"]),
-                              float(config["crop_pct"]), config["interpolation"])
+        if self.data_config is None:
+            raise ValueError("the model has no data_config (a checkpoint written before it was stored, or a model "
+                             "built without a data module); train it with `convmixer fit`")
+        return self.data_config.eval_transform()
 
     # -- set-up ----------------------------------------------------------------------------------------------------
     @classmethod
@@ -156,21 +192,10 @@ class ConvMixerClassifier(L.LightningModule):
             self._compiled = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # every process's running sums of this epoch's training metrics, so that an epoch resumed part-way
-        # reports the same means; not in the state_dict, which holds rank 0's alone
-        if not self._trainer or self.trainer.state.fn != "fit" or not mid_epoch(self.trainer):
-            return
-        checkpoint["train_metric_states"] = per_process(
-            {name: {k: v.detach().cpu().clone() for k, v in metric.metric_state.items()}
-             for name, metric in (("train_loss", self.train_loss), ("train_acc1", self.train_acc1))})
+        save_metric_states(checkpoint, self._trainer, {"train_loss": self.train_loss, "train_acc1": self.train_acc1})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("train_metric_states")
-        if not states or len(states) != (self.trainer.world_size if self._trainer else 1):
-            return
-        own = states[self.trainer.global_rank if self._trainer else 0]
-        for name, metric in (("train_loss", self.train_loss), ("train_acc1", self.train_acc1)):
-            metric.load_state_dict(own.get(name, {}), strict=False)  # torchmetrics sets the states it finds
+        load_metric_states(checkpoint, self._trainer, {"train_loss": self.train_loss, "train_acc1": self.train_acc1})
 
     # -- steps -----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

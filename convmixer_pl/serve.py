@@ -10,25 +10,29 @@ GET / is a page to drop an image on (`serve_page.py`); docs/serving.md has the o
 
 This module owns the command line, turning an upload into the model's input or a 4xx with a one-line reason, and
 the LitAPI that batches requests and runs the model. The two halves run in different processes: uploads are read,
-checked, decoded, resized and cropped in the HTTP process (LitServe's uvicorn server), so that a bad one is answered
-there and never reaches a batch (LitServe fails every request of a batch when one of them raises); the inference
-worker turns the uint8 crops into floats, normalises them on the model's device, runs the model and takes the top-k.
-Preprocessing and class names are the checkpoint's (`ConvMixerClassifier.eval_transform()`), as `convmixer predict`.
+checked, decoded, resized and cropped in the HTTP process (LitServe's uvicorn server; the data config's per-image
+half), so that a bad one is answered there and never reaches a batch (LitServe fails every request of a batch when
+one of them raises); the inference worker normalises the uint8 crops on the model's device (the per-batch half),
+runs the model and takes the top-k. Preprocessing and class names are the checkpoint's data config, as for
+`convmixer predict`. Decoding holds at most `--decode_pixels` pixels in flight, whatever the uploads: larger
+images wait their turn, and the memory of a large decode is handed back to the system once it is done.
 """
 
 # no `from __future__ import annotations`: LitServe reads decode_request's annotation (the upload dependency)
 # as an object
 
-import argparse
+import ctypes
 import os
 import signal
 import socket
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Annotated
+from types import SimpleNamespace
+from typing import Annotated, Literal
 
 import litserve as ls
 import numpy as np
@@ -38,17 +42,13 @@ from fastapi.responses import HTMLResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
-from torchvision.transforms import v2
 
 from .checkpoints import load_module
-from .console import fail, run_entry_point, say
-from .data import DataError
+from .console import say
 from .data.images import read_image
+from .preprocessing import DataError
 from .serve_page import page
 
-PROG = "convmixer serve"
-CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # the model's in_chans -> PIL mode, as convmixer predict reads images
-HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServe binds
 FORM_FIELD = "file"
 FORM_OVERHEAD = 64 * 1024  # room for a multipart body's boundaries and part headers beyond --max_bytes
 HOW_TO_SEND = (f"POST the image as the multipart form field `{FORM_FIELD}` (curl -F {FORM_FIELD}=@image.jpg) or as "
@@ -61,22 +61,51 @@ class ServeError(ValueError):
 
 # -- the HTTP process: an upload becomes a uint8 crop, or a 4xx ----------------------------------------------------
 
+class PixelBudget:
+    """At most `limit` pixels being decoded at once, across the HTTP process's threads. An image over the whole
+    budget waits until it is alone; after a large decode the freed memory goes back to the system (glibc keeps
+    freed memory for reuse otherwise, so a burst of large uploads would stay resident)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_flight = limit, 0
+        self.condition = threading.Condition()
+
+    def __call__(self, pixels: int):
+        budget = self
+
+        class Held:
+            def __enter__(self):
+                with budget.condition:
+                    budget.condition.wait_for(lambda: budget.in_flight == 0 or budget.in_flight + pixels
+                                              <= budget.limit)
+                    budget.in_flight += pixels
+
+            def __exit__(self, *exc):
+                with budget.condition:
+                    budget.in_flight -= pixels
+                    idle = budget.in_flight == 0
+                    budget.condition.notify_all()
+                if idle and pixels > 2**22:
+                    give_memory_back()
+
+        return Held()
+
+
+def give_memory_back() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator decides
+
+
 @dataclass(frozen=True)
 class UploadRules:
     """What the HTTP process needs to check and preprocess an upload (kept on the FastAPI app's state)."""
 
-    mode: str  # PIL mode of the model's input (CHANNEL_MODES)
-    crop: v2.Compose  # eval_transform() up to its float conversion: PIL image -> uint8 (C, H, W), resized, cropped
+    mode: str  # PIL mode of the model's input
+    crop: object  # the data config's per-image half: PIL image -> uint8 (C, H, W), resized, cropped
     max_bytes: int
-
-
-def split_transform(transform: v2.Compose) -> tuple[v2.Compose, v2.Compose]:
-    """`eval_transform()` cut before its first ToDtype: the per-image geometry (to a uint8 tensor, resize, crop)
-    and the per-batch arithmetic (to float, normalise). The uint8 crops are a quarter the size of float ones to send
-    to the worker, and the arithmetic runs once per batch on the model's device."""
-    steps = list(transform.transforms)
-    cut = next((i for i, step in enumerate(steps) if isinstance(step, v2.ToDtype)), len(steps))
-    return v2.Compose(steps[:cut]), v2.Compose(steps[cut:])
+    budget: PixelBudget
 
 
 def reject(status: int, reason: str) -> HTTPException:
@@ -126,7 +155,14 @@ def decode(data: bytes, rules: UploadRules) -> np.ndarray:
 
     Runs in a thread of the HTTP process; the decompression-bomb warning is an error there (see `serve`)."""
     try:
-        image = read_image(BytesIO(data), rules.mode)
+        with Image.open(BytesIO(data)) as probe:  # the header only: the size, before any pixel is decoded
+            pixels = probe.size[0] * probe.size[1]
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        pixels = 0  # read_image says what is wrong with it
+    try:
+        with rules.budget(pixels):
+            image = read_image(BytesIO(data), rules.mode)
+            return np.ascontiguousarray(rules.crop(image).numpy())
     except Image.DecompressionBombWarning as err:  # between PIL's limit and twice it
         raise reject(413, f"refused as a decompression bomb ({err}): send a smaller image") from err
     except DataError as err:
@@ -137,7 +173,6 @@ def decode(data: bytes, rules: UploadRules) -> np.ndarray:
                   if isinstance(cause, Image.UnidentifiedImageError) else f"{type(cause).__name__}: {cause}")
         raise reject(400, f"not an image PIL can read ({reason}): send a PNG, JPEG, WebP, BMP, GIF or TIFF "
                           "file") from err
-    return np.ascontiguousarray(rules.crop(image).numpy())
 
 
 async def read_upload(request: Request) -> np.ndarray:
@@ -175,7 +210,7 @@ class ConvMixerAPI(ls.LitAPI):
         module = load_module(self.ckpt_path)  # in each worker process, on its own device
         self.model = module.to(device)
         self.model_device = torch.device(device)
-        self.normalise = split_transform(module.eval_transform())[1]
+        self.normalise = module.data_config.batch_transform()
         self.class_names = module.class_names
         self.k = min(self.top_k, len(self.class_names))
 
@@ -196,9 +231,10 @@ class ConvMixerAPI(ls.LitAPI):
 
 # -- the server -------------------------------------------------------------------------------------------------------
 
-def check_options(args: argparse.Namespace) -> None:
+def check_options(args: SimpleNamespace) -> None:
     for name, value, low in (("top_k", args.top_k, 1), ("max_batch_size", args.max_batch_size, 1),
-                             ("max_bytes", args.max_bytes, 1), ("workers_per_device", args.workers_per_device, 1)):
+                             ("max_bytes", args.max_bytes, 1), ("workers_per_device", args.workers_per_device, 1),
+                             ("decode_pixels", args.decode_pixels, 1)):
         if value < low:
             raise ServeError(f"--{name} must be at least {low}, got {value}")
     if args.batch_timeout < 0:
@@ -235,23 +271,23 @@ def check_port_free(host: str, port: int) -> None:
         raise ServeError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port") from err
 
 
-def build_server(args: argparse.Namespace) -> ls.LitServer:
+def build_server(args: SimpleNamespace) -> ls.LitServer:
     """The LitServer of the checkpoint: the batched predict route, the upload rules and the page at GET /."""
     check_options(args)
     accelerator, devices = resolve_devices(args.accelerator, args.devices)
     module = load_module(args.ckpt_path)  # a bad checkpoint is one line here, not a dead worker later
-    in_chans = module.data_config["input_size"][0]
-    if in_chans not in CHANNEL_MODES:
-        raise ServeError(f"--ckpt_path {args.ckpt_path}: a model of {in_chans}-channel images; convmixer serve "
-                         "reads images as grey (1 channel), RGB (3) or RGBA (4)")
-    rules = UploadRules(CHANNEL_MODES[in_chans], split_transform(module.eval_transform())[0], args.max_bytes)
+    config = module.data_config
+    if config is None:
+        raise ServeError(f"--ckpt_path {args.ckpt_path} stores no data config (preprocessing and classes); serve a "
+                         "checkpoint written by `convmixer fit`")
+    rules = UploadRules(config.pil_mode, config.image_transform(), args.max_bytes, PixelBudget(args.decode_pixels))
     names = module.class_names
-    described = (f"{Path(args.ckpt_path).name}: {len(names)} classes, "
-                 f"{'×'.join(map(str, module.data_config['input_size']))} input")
+    described = f"{Path(args.ckpt_path).name}: {len(names)} classes, {'×'.join(map(str, config.input_size))} input"
     api = ConvMixerAPI(args.ckpt_path, args.top_k, args.max_batch_size, args.batch_timeout)
     server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=args.workers_per_device,
                           model_metadata={"checkpoint": str(args.ckpt_path), "class_names": names,
-                                          "data_config": module.data_config, "top_k": min(args.top_k, len(names))})
+                                          "data_config": config.pretrained_cfg(),
+                                          "top_k": min(args.top_k, len(names))})
     server.app.state.upload_rules = rules
     add_page(server, page(described))
     return server
@@ -268,7 +304,7 @@ def add_page(server: ls.LitServer, content: str) -> None:
         return HTMLResponse(content)
 
 
-def serve(args: argparse.Namespace) -> None:
+def run_server(args: SimpleNamespace) -> None:
     server = build_server(args)
     check_port_free(args.host, args.port)
     # the HTTP process decodes uploads in threads; PIL only warns between its pixel limit and twice it, and a
@@ -295,38 +331,25 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, as every convmixer error, not argparse's usage block
-        fail(f"{message} (`{self.prog} --help` lists the options)", self.prog)
+def serve(ckpt_path: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1", port: int = 8000,
+          top_k: int = 5, max_batch_size: int = 8, batch_timeout: float = 0.01, max_bytes: int = 20 * 2**20,
+          decode_pixels: int = 120_000_000, accelerator: Literal["auto", "cpu", "cuda"] = "auto", devices: str = "auto",
+          workers_per_device: int = 1, log_level: Literal["debug", "info", "warning", "error"] = "info") -> None:
+    """Serve a checkpoint over HTTP (LitServe): POST an image to /predict, or open the page at / in a browser.
 
-
-def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Serve a checkpoint over HTTP (LitServe): POST an image to /predict, "
-                                             "or open the page at / in a browser.")
-    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `convmixer fit`")
-    p.add_argument("--host", default="127.0.0.1", choices=HOSTS,
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 or :: for every one)")
-    p.add_argument("--port", type=int, default=8000, help="port (1024-65535; default 8000)")
-    p.add_argument("--top_k", type=int, default=5, help="classes per answer (default 5)")
-    p.add_argument("--max_batch_size", type=int, default=8,
-                   help="most requests run in one forward pass (default 8; 1: no batching)")
-    p.add_argument("--batch_timeout", type=float, default=0.01,
-                   help="seconds a worker waits to fill a batch (default 0.01)")
-    p.add_argument("--max_bytes", type=int, default=20 * 2**20,
-                   help="largest image file accepted, in bytes (default 20 MiB); larger uploads get a 413")
-    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where the model runs (default auto: a GPU if there is one)")
-    p.add_argument("--devices", default="auto", help="number of GPUs, one inference process each (default auto: all)")
-    p.add_argument("--workers_per_device", type=int, default=1, help="inference processes per device (default 1)")
-    p.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),
-                   help="LitServe and uvicorn logging (default info, which logs every request)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    run_entry_point(lambda: serve(args), prog=PROG)
-
-
-if __name__ == "__main__":
-    main()
+    Args:
+        ckpt_path: Checkpoint written by `convmixer fit`.
+        host: Address to listen on (127.0.0.1: this machine only; 0.0.0.0 or :: for every one).
+        port: Port (1024-65535).
+        top_k: Classes per answer.
+        max_batch_size: Most requests run in one forward pass (1: no batching).
+        batch_timeout: Seconds a worker waits to fill a batch.
+        max_bytes: Largest image file accepted, in bytes; larger uploads get a 413.
+        decode_pixels: Most pixels decoded at once across uploads (bounds the server's memory: about 4 bytes a
+            pixel); a larger image waits until it is decoded alone.
+        accelerator: Where the model runs (auto: a GPU if there is one).
+        devices: Number of GPUs, one inference process each (auto: all).
+        workers_per_device: Inference processes per device.
+        log_level: LitServe and uvicorn logging (info logs every request).
+    """
+    run_server(SimpleNamespace(**{key: value for key, value in locals().items()}))

@@ -220,23 +220,27 @@ def _spelled(shape: Mapping) -> str:
     return ", ".join(f"{key} {value}" for key, value in shape.items())
 
 
-def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], n: int = 6) -> None:
-    """Load `state` into `model` strictly; what does not fit (missing and unexpected keys, wrong shapes as file vs
-    model, at most `n` of each in state-dict order) is one WeightsError."""
+def state_differences(model: nn.Module, state: Mapping[str, torch.Tensor], n: int = 6) -> str | None:
+    """What keeps `state` from loading into `model` strictly (missing and unexpected keys, wrong shapes as file vs
+    model, at most `n` of each in state-dict order), or None; compares names and shapes only."""
     own = model.state_dict()
-    wrong = {k: f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and tuple(v.shape) != tuple(own[k].shape)}
-    # torch raises on a wrong shape even when not strict: those are left out and reported with the keys
-    result = model.load_state_dict({k: v for k, v in state.items() if k not in wrong}, strict=False)
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
 
     def short(items: list[str]) -> str:
         return "[" + ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "") + "]"
 
-    problems = [(label, items) for label, items in (("missing keys", result.missing_keys),
-                                                    ("unexpected keys", result.unexpected_keys),
-                                                    ("wrong shapes", list(wrong.values()))) if items]
-    if problems:
-        raise WeightsError("; ".join(f"{label} {short(items)}" for label, items in problems))
+    problems = [(label, items) for label, items in (("missing keys", [k for k in own if k not in state]),
+                                                    ("unexpected keys", [k for k in state if k not in own]),
+                                                    ("wrong shapes", wrong)) if items]
+    return "; ".join(f"{label} {short(items)}" for label, items in problems) or None
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load `state` into `model` strictly; what does not fit is one WeightsError."""
+    if problems := state_differences(model, state):
+        raise WeightsError(problems)
+    model.load_state_dict(state)
 
 
 def load_into(model: ConvMixer, state_dict: Mapping[str, torch.Tensor], source: str = "weights") -> bool:

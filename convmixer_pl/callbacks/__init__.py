@@ -1,7 +1,5 @@
 """Callbacks of a `convmixer` run, one job each. A new callback goes in a file of its own here.
 
-- `resume.ResumeState`: every process's random-number states in each checkpoint, restored before the first resumed
-  batch (exact resume).
 - `guards.StopGuard`: SIGTERM/SIGINT save `last.ckpt` and stop; a non-finite loss or weights stop the run.
 - `throughput.ThroughputCallback`: training images/s in the logs.
 - `predictions.PredictionWriter`: `convmixer predict` writes one ordered CSV (and JSON).
@@ -9,15 +7,15 @@
 - `report.PerClassReport`: per-class precision, recall, F1, support and the confusion matrix after test.
 
 The run's checkpoint callback (`RunCheckpoint`) lives with the rest of the checkpoint code in
-`convmixer_pl.checkpoints`.
+`convmixer_pl.checkpoints`, and the random-number states of exact resume (`ResumeState`) with the rest of exact
+resume in `convmixer_pl.resume`.
 """
 
 from .guards import StopGuard, TrainingStopped
 from .plots import PlotWriter
 from .predictions import PredictionWriter
 from .report import PerClassReport
-from .resume import ResumeState
 from .throughput import ThroughputCallback
 
-__all__ = ["PlotWriter", "PredictionWriter", "ResumeState", "StopGuard", "PerClassReport", "ThroughputCallback",
+__all__ = ["PlotWriter", "PredictionWriter", "StopGuard", "PerClassReport", "ThroughputCallback",
            "TrainingStopped"]

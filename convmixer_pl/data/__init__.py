@@ -8,13 +8,13 @@
 - `digits` (offline default), `cifar` (CIFAR-10/100), `folders` (image folders, and folders to predict).
 """
 
-from .augment import CIFAR_SCRIPT, Augmentation, eval_transform
-from .base import DataError, ImageDataModule
+from ..preprocessing import DataConfig, DataError
+from .augment import CIFAR_SCRIPT, Augmentation
+from .base import ImageDataModule
 from .cifar import CIFAR_MEAN, CIFAR_STD, CIFARDataModule
 from .digits import DigitsDataModule
-from .folders import IMAGENET_MEAN, IMAGENET_STD, FolderPredictDataModule, ImageFolderDataModule
+from .folders import FolderPredictDataModule, ImageFolderDataModule
 from .images import read_image
 
-__all__ = ["CIFAR_MEAN", "CIFAR_SCRIPT", "CIFAR_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Augmentation",
-           "CIFARDataModule", "DataError", "DigitsDataModule", "FolderPredictDataModule", "ImageDataModule",
-           "ImageFolderDataModule", "eval_transform", "read_image"]
+__all__ = ["CIFAR_MEAN", "CIFAR_SCRIPT", "CIFAR_STD", "Augmentation", "CIFARDataModule", "DataConfig", "DataError",
+           "DigitsDataModule", "FolderPredictDataModule", "ImageDataModule", "ImageFolderDataModule", "read_image"]

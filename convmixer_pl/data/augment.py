@@ -2,9 +2,9 @@
 
 Training, per image: RandomResizedCrop -> horizontal flip -> RandAugment -> ColorJitter -> float + normalize ->
 RandomErasing (the order of the CIFAR-10 script and of timm's ImageNet pipeline). Per batch, after the transfer to
-the device: MixUp or CutMix (`Augmentation.batch_mixer`). Evaluation: resize to `image_size / crop_pct`, center
-crop. `Augmentation` holds every training option once; each data module has its own defaults
-(`data.augment.*` keys).
+the device: MixUp or CutMix (`Augmentation.batch_mixer`). Evaluation is the data config's
+(`convmixer_pl.preprocessing.DataConfig`). `Augmentation` holds every training option once; each data module has its
+own defaults (`data.augment.*` keys).
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torchvision.transforms import v2
 
-from .base import DataError
+from ..preprocessing import DataConfig, DataError
 
-Interpolation = Literal["bilinear", "bicubic"]
 TrainInterpolation = Literal["bilinear", "bicubic", "random"]
 EraseMode = Literal["const", "pixel"]
 
 
-def _mode(name: str | v2.InterpolationMode) -> v2.InterpolationMode:
-    return name if isinstance(name, v2.InterpolationMode) else v2.InterpolationMode(name)
+def _mode(name: str) -> v2.InterpolationMode:
+    return v2.InterpolationMode(name)
 
 
 @dataclass(frozen=True)
@@ -99,10 +97,10 @@ class Augmentation:
             if not 0 <= getattr(self, name) <= 1:
                 raise DataError(f"data.augment.{name} must be in [0, 1], got {getattr(self, name)}")
 
-    def train_transform(self, image_size: int, mean, std) -> v2.Compose:
-        """The per-image training pipeline; its crops are `crop_size`, else `image_size`."""
+    def train_transform(self, config: DataConfig) -> v2.Compose:
+        """The per-image training pipeline for data of `config`; its crops are `crop_size`, else the image size."""
         def crop(mode: str) -> v2.RandomResizedCrop:
-            return v2.RandomResizedCrop(self.crop_size or image_size, scale=self.scale, ratio=self.ratio,
+            return v2.RandomResizedCrop(self.crop_size or config.image_size, scale=self.scale, ratio=self.ratio,
                                         interpolation=_mode(mode), antialias=True)
 
         steps = [v2.ToImage(), v2.RandomChoice([crop("bilinear"), crop("bicubic")])
@@ -116,7 +114,7 @@ class Augmentation:
         if self.color_jitter > 0:
             c = self.color_jitter
             steps.append(v2.ColorJitter(brightness=c, contrast=c, saturation=c))
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        steps.append(config.batch_transform())
         if self.re_prob > 0:
             steps.append(v2.RandomErasing(p=self.re_prob, value="random" if self.re_mode == "pixel" else 0))
         return v2.Compose(steps)
@@ -147,11 +145,3 @@ CROP_AND_FLIP = Augmentation()
 CIFAR_SCRIPT = Augmentation(scale=(0.75, 1.0), ratio=(1.0, 1.0), ra_num_ops=1, ra_magnitude=8, color_jitter=0.1,
                             re_prob=0.25)
 
-
-def eval_transform(image_size: int, mean, std, crop_pct: float = 1.0,
-                   interpolation: Interpolation | v2.InterpolationMode = "bilinear") -> v2.Compose:
-    """Resize the short side to `image_size / crop_pct` and center-crop `image_size` (a no-op for images already
-    that size, such as CIFAR's 32 px ones at `image_size: 32`), then normalise."""
-    return v2.Compose([v2.ToImage(),
-                       v2.Resize(int(image_size / crop_pct), interpolation=_mode(interpolation), antialias=True),
-                       v2.CenterCrop(image_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

@@ -1,37 +1,30 @@
 """What every data module shares: loaders, the samplers of each stage, MixUp/CutMix per batch, and the training
 position that a checkpoint keeps.
 
-Metadata flows one way. A data module that knows its data exposes `num_classes`, `in_chans`, `image_size`,
-`class_names`, `mean`, `std` (and `crop_pct`, `interpolation`) as soon as it is constructed; the CLI links them
-into the model, and checkpoints store them. A module that evaluates without training data (a folder to predict,
-an image folder without `train/`) exposes none of them and takes the model's (`ConvMixerClassifier.data_config`)
-in `setup`.
+Metadata flows one way. A data module that knows its data exposes its `data_config`
+(`convmixer_pl.preprocessing.DataConfig`: image size, channels, normalisation, evaluation resize and class names) as
+soon as it is constructed; the CLI links it into the model, and checkpoints store it. A module that evaluates
+without training data (a folder to predict, an image folder without `train/`) has none and takes the model's in
+`setup`.
 
-Exact resume: the training order is `DistributedSampler`'s (data seed, epoch) permutation, one shard per process.
-Each training image's augmentation draws from a generator seeded by (data seed, epoch, image index), so it does not
-depend on which worker process, or which run, loads it. The position in the epoch is then all a resumed run needs:
-the data module keeps it in its checkpoint state (`state_dict`) and, on resume, torchdata's
-`StatefulDistributedSampler` skips the batches already trained on (see `_resume`).
+Exact resume (`convmixer_pl.resume`): the training order is `DistributedSampler`'s (data seed, epoch) permutation,
+one shard per process; each image's augmentation is seeded by (data seed, epoch, index); the position in the epoch
+is the data module's checkpoint state.
 """
 
 from __future__ import annotations
 
-import hashlib
-import warnings
+import signal
 
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
-from ..console import say
-
-
-class DataError(ValueError):
-    """Bad data on disk or in the config: the message names the path or key and how to fix it."""
+from ..preprocessing import DataConfig, DataError
+from ..resume import EpochSampler, SeededItems, TrainingPosition
+from .device import BatchAugment, DeviceLoader
 
 
 class TensorImageDataset(Dataset):
@@ -52,50 +45,24 @@ class TensorImageDataset(Dataset):
         return image, int(self.targets[index])
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-class EpochSampler(StatefulDistributedSampler):
-    """`DistributedSampler`'s order, yielding (epoch, index): the data set seeds each image's augmentation by it."""
-
-    def __iter__(self):
-        epoch = self.epoch
-        return ((epoch, index) for index in super().__iter__())
-
-
-class SeededAugmentation(Dataset):
-    """Items `(epoch, index)` of `dataset`, each drawn with torch's generator seeded by (seed, epoch, index) and
-    then put back as it was, so augmentation is a function of the image and the epoch alone: the same in every
-    worker and after a resume."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]):
-        epoch, index = item
-        generator = torch.default_generator  # torchvision's transforms draw from it
-        state = generator.get_state()
-        generator.manual_seed(sample_seed(self.seed, epoch, index))
-        try:
-            return self.dataset[index]
-        finally:
-            generator.set_state(state)
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT and SIGTERM to the main process: launchers (timeout, SLURM, systemd, Ctrl+C)
+    signal the whole process group, and a worker killed by one would end the run before it saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ImageDataModule(L.LightningDataModule):
     """Loader settings shared by every data module (each passes its `**loader` options here).
 
-    A data module whose splits are `TensorImageDataset`s can set `gpu_pipeline`: its loaders are then
-    `DeviceLoader`s (`convmixer_pl.data.device`) that hold each split on the training device and augment whole
-    batches there with its `augment`, `image_size`, `mean` and `std`.
+    A data module sets `_data_config` once it knows its data (`data_config` is then what the CLI links into the
+    model), and `augment` for training. One whose splits are `TensorImageDataset`s can set `device_pipeline`: its
+    loaders are then `DeviceLoader`s (`convmixer_pl.data.device`) that hold each split on the training device and
+    augment whole batches there.
     """
 
-    gpu_pipeline = False
+    device_pipeline = False
+    augment = None  # an `Augmentation`, for training
 
     def __init__(
         self,
@@ -123,8 +90,23 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_set = self.val_set = self.test_set = None
         self.mixer = None  # MixUp/CutMix on whole training batches (`Augmentation.batch_mixer`), or None
-        self._train_loader = None  # the loader whose position checkpoints keep
-        self._resume_from: dict | None = None  # the position of the checkpoint being resumed from
+        self._data_config: DataConfig | None = None
+        self.position = TrainingPosition()  # where in the epoch training is, for checkpoints
+
+    @property
+    def data_config(self) -> DataConfig:
+        """The preprocessing and classes of this data. Absent (AttributeError) until known: the CLI's link then
+        leaves the model's own, e.g. a checkpoint's."""
+        if self._data_config is None:
+            raise AttributeError("data_config")
+        return self._data_config
+
+    def _set_data_config(self, config: DataConfig) -> None:
+        self._data_config = config
+        if self.augment is not None:
+            self.mixer = self.augment.batch_mixer(config.num_classes)
+            if self.device_pipeline:
+                BatchAugment.from_augmentation(self.augment, config)  # refuses what it cannot do, now
 
     # -- per batch ---------------------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -146,33 +128,31 @@ class ImageDataModule(L.LightningDataModule):
         # random stream otherwise, which would then depend on how often (with persistent workers) they are created
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           pin_memory=pin, persistent_workers=self.persistent_workers,
+                          worker_init_fn=ignore_stop_signals if self.num_workers else None,
                           generator=torch.Generator().manual_seed(self.seed), **kwargs)
 
-    def _device_loader(self, dataset: TensorImageDataset, train: bool = False):
-        """`data.gpu_pipeline`'s loader of one split: its uint8 images on the training device, batch-augmented
-        for training, resized and normalised for evaluation."""
-        from .device import BatchAugment, BatchEval, DeviceLoader  # here: through augment.py it imports this module
-
+    def _device_loader(self, dataset: TensorImageDataset, train: bool = False) -> DeviceLoader:
+        """`data.device_pipeline`'s loader of one split: its uint8 images on the training device, batch-augmented
+        for training, normalised for evaluation (evaluation splits are held resized and cropped already)."""
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         replicas, rank = self._shard()
-        if train:
-            transform = BatchAugment.from_augmentation(self.augment, self.image_size, self.mean, self.std)
-        else:
-            transform = BatchEval(self.image_size, self.mean, self.std)
+        config = self.data_config
+        transform = BatchAugment.from_augmentation(self.augment, config) if train else config.batch_transform()
         return DeviceLoader(dataset.images, dataset.targets, self.batch_size, device, transform,
                             shuffle=train, drop_last=train and len(dataset) > self.batch_size,
                             seed=self.seed, num_replicas=replicas, rank=rank,
                             sampler=None if train else self._eval_sampler(dataset))
 
     def train_dataloader(self):
-        if self.gpu_pipeline:
-            return self._resume(self._device_loader(self.train_set, train=True))
-        replicas, rank = self._shard()
-        sampler = EpochSampler(self.train_set, num_replicas=replicas, rank=rank, seed=self.seed)
-        loader = self._loader(SeededAugmentation(self.train_set, self.seed), sampler,
-                              drop_last=len(self.train_set) > self.batch_size)
-        return self._resume(loader)
+        if self.device_pipeline:
+            loader = self._device_loader(self.train_set, train=True)
+        else:
+            replicas, rank = self._shard()
+            sampler = EpochSampler(self.train_set, num_replicas=replicas, rank=rank, seed=self.seed)
+            loader = self._loader(SeededItems(self.train_set, self.seed), sampler,
+                                  drop_last=len(self.train_set) > self.batch_size)
+        return self.position.restore(loader, self.batch_size, self.seed, self._shard()[0])
 
     def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
         """Under DDP, every validation/test sample exactly once, so metrics equal a one-process evaluation.
@@ -189,56 +169,26 @@ class ImageDataModule(L.LightningDataModule):
                                             shuffle=False)
 
     def val_dataloader(self):
-        if self.gpu_pipeline:
+        if self.device_pipeline:
             return self._device_loader(self.val_set)
         return self._loader(self.val_set, self._eval_sampler(self.val_set))
 
     def test_dataloader(self):
-        if self.gpu_pipeline:
+        if self.device_pipeline:
             return self._device_loader(self.test_set)
         return self._loader(self.test_set, self._eval_sampler(self.test_set))
 
     def predict_dataloader(self):
-        # per image even with gpu_pipeline: one pass, whose sample indices Lightning tracks for the prediction writer
+        # per image even with device_pipeline: one pass, whose sample indices Lightning tracks for the prediction
+        # writer
         return self._loader(self.test_set)
 
     # -- the training position in checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The training position: the epoch the next batch belongs to, and how many of its batches were trained on.
-
-        (torchdata's StatefulDataLoader state is tied to the worker count, which it refuses to change on resume,
-        and Lightning hands a loader's state back only to a loader built after the restore; the one-cycle schedule
-        builds it before, through `estimated_stepping_batches`.)"""
-        trainer, loader = self.trainer, self._train_loader
-        if trainer is None or loader is None or trainer.state.fn != "fit":
-            return {}
-        epoch, batches = loader.sampler.epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        if batches >= trainer.num_training_batches:  # that epoch's batches are all trained on: the next one's turn
-            epoch, batches = epoch + 1, 0
-        return {"epoch": epoch, "batches": batches, "batch_size": self.batch_size, "seed": self.seed,
-                "world_size": trainer.world_size}
+        return self.position.state_dict(self.trainer, self.batch_size, self.seed)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._resume_from = state_dict or None
-        if state_dict:  # Lightning cannot tell that this data module resumes the position itself
-            warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended",
-                                    PossibleUserWarning)
-
-    def _resume(self, loader):
-        """`loader`, at the position of the checkpoint being resumed from, if any; remembered for `state_dict`."""
-        self._train_loader = loader
-        state, self._resume_from = self._resume_from, None
-        if not state:
-            return loader
-        saved = (state.get("batch_size"), state.get("seed"), state.get("world_size"))
-        if saved != (self.batch_size, self.seed, self._shard()[0]):
-            say(f"the checkpoint was trained with data.batch_size {saved[0]}, data.seed {saved[1]} on {saved[2]} "
-                f"process(es); this run uses {self.batch_size}, {self.seed} and {self._shard()[0]}: the resumed epoch "
-                "starts from its first batch and the data order differs from an uninterrupted run")
-            return loader
-        loader.sampler.set_epoch(state["epoch"])  # before the first iterator: workers prefetch from it
-        loader.sampler.load_state_dict({"yielded": state["batches"] * self.batch_size})  # skipped once
-        return loader
+        self.position.load_state_dict(state_dict)
 
 
 def split_indices(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from typing import Literal
 
+import numpy as np
 import torch
-from torchvision import datasets
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from ..console import say
-from .augment import CIFAR_SCRIPT, Augmentation, eval_transform
+from ..preprocessing import DataConfig
+from .augment import CIFAR_SCRIPT, Augmentation
 from .base import DataError, ImageDataModule, TensorImageDataset, fraction_split
-from .device import BatchAugment
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 # the label names of the released archives (batches.meta, meta), known before a download
@@ -27,27 +30,46 @@ CIFAR100_CLASSES = (
     "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm").split()
 
 
-def _cifar_class(dataset: str, verify_checksums: bool) -> type[datasets.CIFAR10]:
-    base = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[dataset]
-    if verify_checksums:
-        return base
+# what a CIFAR pickle may name: numpy arrays and their dtypes, and the bytes of Python 3 pickles; nothing that runs
+SAFE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "ndarray"),
+                ("numpy", "dtype"), ("_codecs", "encode")}
 
-    class Unverified(base):  # same files and parser; only the md5 comparison is dropped
-        train_list = [[name, None] for name, _ in base.train_list]
-        test_list = [[name, None] for name, _ in base.test_list]
-        meta = {**base.meta, "md5": None}
 
-    return Unverified
+class ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays; refuses every other global, so a crafted file
+    cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR file holds only arrays and lists")
+        return super().find_class(module, name)
+
+
+def read_pickle(path: str) -> dict:
+    with open(path, "rb") as f:
+        entry = ArraysOnly(io.BytesIO(f.read()), encoding="latin1").load()
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} holds a {type(entry).__name__}, not a CIFAR batch (a dict)")
+    return entry
+
+
+def _release(dataset: str) -> type[CIFAR10]:
+    return {"cifar10": CIFAR10, "cifar100": CIFAR100}[dataset]  # file names, keys and checksums of the archives
+
+
+def _files(dataset: str, train: bool) -> list[tuple[str, str]]:
+    release = _release(dataset)
+    return release.train_list if train else release.test_list
 
 
 def _label_names(root: str, dataset: str) -> list[str]:
-    """The class names in the files' meta entry if they are there, else the released archives' names."""
-    cls = _cifar_class(dataset, verify_checksums=False)
-    path = os.path.join(root, cls.base_folder, cls.meta["filename"])
+    """The class names in the files' meta entry if it reads, else the released archives' names."""
+    release = _release(dataset)
     try:
-        with open(path, "rb") as f:
-            return list(pickle.load(f, encoding="latin1")[cls.meta["key"]])
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError):
+        return [str(name) for name in read_pickle(os.path.join(root, release.base_folder,
+                                                               release.meta["filename"]))[release.meta["key"]]]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError):
         return list(CIFAR10_CLASSES if dataset == "cifar10" else CIFAR100_CLASSES)
 
 
@@ -62,7 +84,7 @@ class CIFARDataModule(ImageDataModule):
     Augmentation defaults are the CIFAR-10 script's (`data.augment.*`): RandomResizedCrop (scale 0.75-1, ratio 1),
     flip, RandAugment (`ra_num_ops` 1, `ra_magnitude` 8), ColorJitter 0.1, RandomErasing 0.25; MixUp/CutMix are off.
 
-    `gpu_pipeline: true` holds every split on the training device as uint8 and augments whole batches there
+    `device_pipeline: true` holds every split on the training device as uint8 and augments whole batches there
     (`convmixer_pl.data.device`): no loader workers, no per-image Python. An augmentation step the device pipeline
     does not do is refused in one line when the data module is built. Prediction keeps the per-image loader: one
     pass, whose sample indices Lightning tracks for the prediction writer.
@@ -77,7 +99,7 @@ class CIFARDataModule(ImageDataModule):
         val_fraction: float = 0.1,
         image_size: int = 32,
         augment: Augmentation = CIFAR_SCRIPT,
-        gpu_pipeline: bool = False,
+        device_pipeline: bool = False,
         **loader,
     ) -> None:
         """
@@ -90,7 +112,7 @@ class CIFARDataModule(ImageDataModule):
                 all of them and validate on the test set.
             image_size: Training and evaluation size (CIFAR's images are 32 px).
             augment: Training augmentation.
-            gpu_pipeline: Hold every split on the training device as uint8 and augment whole batches there.
+            device_pipeline: Hold every split on the training device as uint8 and augment whole batches there.
         """
         super().__init__(**loader)
         if dataset not in ("cifar10", "cifar100"):
@@ -99,49 +121,61 @@ class CIFARDataModule(ImageDataModule):
             raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.root, self.dataset, self.download = root, dataset, download
         self.verify_checksums, self.val_fraction = verify_checksums, val_fraction
-        self.image_size, self.augment, self.gpu_pipeline = image_size, augment, gpu_pipeline
-        self.class_names = _label_names(root, dataset)
-        self.num_classes, self.in_chans = len(self.class_names), 3
-        self.mean, self.std = CIFAR_MEAN, CIFAR_STD
-        self.mixer = augment.batch_mixer(self.num_classes)
-        if gpu_pipeline:
-            BatchAugment.from_augmentation(augment, image_size, self.mean, self.std)  # refuses what it cannot do
+        self.augment, self.device_pipeline = augment, device_pipeline
+        # evaluated whole (crop_pct 1): CIFAR's images are the objects, 32 px square
+        self._set_data_config(DataConfig(image_size, mean=CIFAR_MEAN, std=CIFAR_STD, crop_pct=1.0,
+                                         class_names=_label_names(root, dataset)))
 
-    def _load(self, train: bool) -> datasets.CIFAR10:
-        cls = _cifar_class(self.dataset, self.verify_checksums)
-        try:
-            return cls(self.root, train=train, download=self.download)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as err:
-            # RuntimeError: missing or failing its checksum; the others: a damaged file read with checksums off
-            folder = os.path.join(self.root, cls.base_folder)
-            hint = (", or data.verify_checksums: false for files that are not the released archives (a subset)"
-                    if self.verify_checksums and os.path.isdir(folder) else "")
-            raise DataError(f"{self.dataset} not found or corrupted in {folder}: {err}. Point data.root at the "
-                            f"folder that holds {cls.base_folder}/, or set data.download: true{hint}") from err
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's uint8 images (N, 3, 32, 32) and labels; with verify_checksums, each file's md5 is checked
+        before it is read."""
+        release = _release(self.dataset)
+        folder = os.path.join(self.root, release.base_folder)
+        data, labels = [], []
+        for name, md5 in _files(self.dataset, train):
+            path = os.path.join(folder, name)
+            try:
+                if self.verify_checksums and not check_integrity(path, md5):
+                    raise DataError("missing, or not the released file (md5 differs)")
+                entry = read_pickle(path)
+                data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+            except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as err:
+                hint = (", or data.verify_checksums: false for files that are not the released archives (a subset)"
+                        if self.verify_checksums and os.path.isdir(folder) else "")
+                raise DataError(f"{self.dataset} not found or corrupted in {folder}: {path}: {err}. Point data.root "
+                                f"at the folder that holds {release.base_folder}/, or set data.download: true"
+                                f"{hint}") from err
+        return torch.from_numpy(np.concatenate(data)), torch.tensor(labels)
 
     def prepare_data(self) -> None:
-        if self.download:  # once per node, before the ranks read the files
-            for train in (True, False):
-                self._load(train)
+        release = _release(self.dataset)
+        folder = os.path.join(self.root, release.base_folder)
+        complete = all(check_integrity(os.path.join(folder, name), md5)
+                       for name, md5 in _files(self.dataset, True) + _files(self.dataset, False))
+        if self.download and not complete:  # once per node, before the ranks read the files
+            download_and_extract_archive(release.url, self.root, filename=release.filename, md5=release.tgz_md5)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train, test = self._load(True), self._load(False)
-        if list(train.classes) != self.class_names:
-            raise DataError(f"{self.root}: the files name the classes {list(train.classes)[:5]}..., not the "
-                            f"{self.class_names[:5]}... read before they were loaded; point data.root at one copy")
-        images = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()
-        targets = torch.tensor(train.targets)
-        test_images = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
-        test_targets = torch.tensor(test.targets)
-        plain = eval_transform(self.image_size, self.mean, self.std)  # at image_size, as the device pipeline does
+        names = _label_names(self.root, self.dataset)
+        if names != list(self.data_config.class_names):
+            raise DataError(f"{self.root}: the files name the classes {names[:5]}..., not the "
+                            f"{list(self.data_config.class_names)[:5]}... read before they were loaded; point "
+                            "data.root at one copy")
+        (images, targets), (test_images, test_targets) = self._load(True), self._load(False)
+        config = self.data_config
+        # evaluation images held at image_size already (a no-op at 32 px), so both pipelines normalise the same
+        # uint8 values
+        test_images = config.image_transform()(test_images)
+        plain = config.batch_transform()
         self.test_set = TensorImageDataset(test_images, test_targets, plain)
-        augment = self.augment.train_transform(self.image_size, self.mean, self.std)
+        augment = self.augment.train_transform(config)
         if self.val_fraction:
             train_idx, val_idx = fraction_split(len(targets), self.val_fraction, self.seed)
             self.train_set = TensorImageDataset(images[train_idx], targets[train_idx], augment)
-            self.val_set = TensorImageDataset(images[val_idx], targets[val_idx], plain)
+            self.val_set = TensorImageDataset(config.image_transform()(images[val_idx]), targets[val_idx], plain)
         else:
             self.train_set = TensorImageDataset(images, targets, augment)
             self.val_set = self.test_set

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from ..preprocessing import DataConfig, DataError, Normalize
+from ..resume import derive_seed
 from .augment import Augmentation
 from .batched_ops import BatchColorJitter, BatchRandAugment
 
@@ -139,10 +141,15 @@ class BatchAugment:
     """
 
     @classmethod
-    def from_augmentation(cls, augment: Augmentation, image_size: int, mean: Sequence[float],
-                          std: Sequence[float]) -> BatchAugment:
-        return cls(augment.crop_size or image_size, mean, std, augment.scale, augment.ratio, augment.hflip,
-                   erase_prob=augment.re_prob,
+    def from_augmentation(cls, augment: Augmentation, config: DataConfig) -> BatchAugment:
+        """The device pipeline's form of `augment` for data of `config`; an option it cannot do is refused in one
+        line."""
+        if augment.interpolation != "bilinear":
+            raise DataError(f"data.augment.interpolation {augment.interpolation!r}: data.device_pipeline crops with "
+                            "bilinear sampling only; set data.augment.interpolation: bilinear, or "
+                            "data.device_pipeline: false for the per-image pipeline")
+        return cls(augment.crop_size or config.image_size, config.mean, config.std, augment.scale, augment.ratio,
+                   augment.hflip, erase_prob=augment.re_prob,
                    erase_value=None if augment.re_mode == "pixel" else 0.0, ra_num_ops=augment.ra_num_ops,
                    ra_magnitude=augment.ra_magnitude, ra_magnitude_bins=augment.ra_magnitude_bins,
                    ra_interpolation=augment.ra_interpolation, color_jitter=augment.color_jitter)
@@ -182,40 +189,8 @@ class BatchAugment:
         return out
 
 
-class Normalize:
-    """`(images - mean) / std` per channel. The statistics become tensors once per device and dtype: made from
-    Python numbers in every batch, they would be a host-to-device copy, which waits for the queued GPU work."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean, self.std = tuple(mean), tuple(std)
-        self._tensors: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        key = (images.device, images.dtype)
-        if key not in self._tensors:
-            self._tensors[key] = tuple(torch.tensor(v, device=images.device, dtype=images.dtype)[None, :, None, None]
-                                       for v in (self.mean, self.std))
-        mean, std = self._tensors[key]
-        return images.sub(mean).div_(std)
-
-
-class BatchEval:
-    """The evaluation counterpart of `BatchAugment`: uint8 -> float in [0, 1] -> resize to `image_size` when the
-    size differs (bilinear, antialiased, as `eval_transform`) -> Normalize. Draws nothing from `generator`."""
-
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.image_size, self.normalize = image_size, Normalize(mean, std)
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        out = images.float() / 255
-        if out.shape[-2:] != (self.image_size, self.image_size):
-            out = F.interpolate(out, size=(self.image_size,) * 2, mode="bilinear", align_corners=False,
-                                antialias=True)
-        return self.normalize(out)
-
-
 class DeviceLoader:
-    """Batches of (float images, long targets) from a uint8 split held on `device` (CIFAR's `gpu_pipeline`).
+    """Batches of (float images, long targets) from a uint8 split held on `device` (`data.device_pipeline`).
 
     Shuffling and sharding come from torchdata's `StatefulDistributedSampler` (seeded, one shard per process, new
     order per epoch, and able to skip the batches a resumed epoch already trained on) unless `sampler` is given;
@@ -225,7 +200,7 @@ class DeviceLoader:
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, device: torch.device | str,
-                 transform: BatchAugment | BatchEval, shuffle: bool = False, drop_last: bool = False,
+                 transform: BatchAugment | Normalize, shuffle: bool = False, drop_last: bool = False,
                  seed: int = 0, num_replicas: int = 1, rank: int = 0, sampler: Sampler | None = None) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"DeviceLoader needs uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -255,5 +230,9 @@ class DeviceLoader:
             index = order[(batch - first) * self.batch_size:(batch - first + 1) * self.batch_size]
             images = self.images.index_select(0, index)
             # seeded per batch, so a resumed epoch draws what an uninterrupted one would have
-            self.generator.manual_seed(hash((self.seed, epoch, self.rank, batch)) & 0x7FFF_FFFF_FFFF_FFFF)
-            yield self.transform(images, self.generator), self.targets.index_select(0, index)
+            if isinstance(self.transform, BatchAugment):
+                self.generator.manual_seed(derive_seed(self.seed, epoch, self.rank, batch))
+                images = self.transform(images, self.generator)
+            else:
+                images = self.transform(images)
+            yield images, self.targets.index_select(0, index)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torchvision.transforms import v2
 
+from ..preprocessing import DataConfig
 from .base import DataError, ImageDataModule, TensorImageDataset, split_indices
 
 
@@ -24,11 +24,9 @@ class DigitsDataModule(ImageDataModule):
         if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise DataError(f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) must be "
                             "in (0, 1) and leave room for training")
-        self.image_size = image_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.num_classes, self.in_chans = 10, 1
-        self.class_names = [str(i) for i in range(10)]
-        self.mean, self.std = (0.5,), (0.5,)
+        self._set_data_config(DataConfig(image_size, in_chans=1, mean=(0.5,), std=(0.5,), crop_pct=1.0,
+                                         class_names=[str(i) for i in range(10)]))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -37,13 +35,14 @@ class DigitsDataModule(ImageDataModule):
 
         digits = load_digits()
         images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # values 0..16
-        images = torch.nn.functional.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
+        size = self.data_config.image_size
+        images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
         images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
         targets = torch.from_numpy(digits.target).long()
         n = len(targets)
         n_val, n_test = round(n * self.val_fraction), round(n * self.test_fraction)
         train_idx, val_idx, test_idx = split_indices(n, [n - n_val - n_test, n_val, n_test], self.seed)
-        to_float = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
+        to_float = self.data_config.batch_transform()
         self.train_set = TensorImageDataset(images[train_idx], targets[train_idx], to_float)
         self.val_set = TensorImageDataset(images[val_idx], targets[val_idx], to_float)
         self.test_set = TensorImageDataset(images[test_idx], targets[test_idx], to_float)

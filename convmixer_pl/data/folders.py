@@ -3,25 +3,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import make_dataset
-from torchvision.transforms import v2
 
 from ..console import say
-from .augment import CROP_AND_FLIP, Augmentation, Interpolation, eval_transform
+from ..preprocessing import DataConfig, Interpolation
+from .augment import CROP_AND_FLIP, Augmentation
 from .base import DataError, ImageDataModule, TensorImageDataset, fraction_split
-from .device import BatchAugment
-from .images import decode_all, find_images, is_image_name, read_image, readable, warn_left_out
+from .images import decode_all, find_images, is_image_name, read_image, readable, walk_files, warn_left_out
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
 Samples = list[tuple[str, int]]  # (path, class index)
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # the PIL mode images are read in, by the model's in_chans
 
 
 def _listed(names: list[str], limit: int = 20) -> str:
@@ -69,7 +66,7 @@ class ImageFolderDataModule(ImageDataModule):
     non-image file (at setup) or an unreadable image (when read), naming it; `skip` decodes every file once at setup
     and leaves the bad ones out with a warning and a count (docs/reliability.md).
 
-    `gpu_pipeline: true` is CIFARDataModule's device-resident pipeline for folders of small images: each split is
+    `device_pipeline: true` is CIFARDataModule's device-resident pipeline for folders of small images: each split is
     decoded once at setup (in threads) into uint8 at `image_size` (evaluation images resized and center-cropped as
     above, training images to their centre square at `image_size`, from which the batches are cropped), held on
     the training device (N x 3 x image_size^2 bytes per split) and augmented in batches there.
@@ -79,29 +76,30 @@ class ImageFolderDataModule(ImageDataModule):
         self,
         root: str = "data/images",
         image_size: int = 224,
-        crop_pct: float = 0.875,
-        interpolation: Interpolation = "bilinear",
+        crop_pct: float | None = None,
+        interpolation: Interpolation | None = None,
         augment: Augmentation = CROP_AND_FLIP,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
         val_fraction: float = 0.1,
         bad_images: Literal["error", "skip"] = "error",
-        gpu_pipeline: bool = False,
+        device_pipeline: bool = False,
         **loader,
     ) -> None:
         """
         Args:
             root: The folder that holds train/, val/ and/or test/, each with one folder of images per class.
             image_size: Training and evaluation size.
-            crop_pct: Evaluation resize: the short side goes to image_size / crop_pct, then a center crop.
-            interpolation: Evaluation resize interpolation.
+            crop_pct: Evaluation resize: the short side goes to image_size / crop_pct, then a center crop; None:
+                `DataConfig`'s default (0.875).
+            interpolation: Evaluation resize interpolation; None: `DataConfig`'s default (bilinear).
             augment: Training augmentation.
-            mean: Per-channel normalisation mean.
-            std: Per-channel normalisation std.
+            mean: Per-channel normalisation mean; None: `DataConfig`'s default (ImageNet's).
+            std: Per-channel normalisation std; None: `DataConfig`'s default (ImageNet's).
             val_fraction: Without val/: fraction of the train/ images held out (seeded by `seed`) for validation;
                 0: train on all of them and validate on test/.
             bad_images: error: stop at a file that is not a readable image; skip: leave such files out, warning.
-            gpu_pipeline: Decode every split once into memory, hold it on the training device as uint8 and
+            device_pipeline: Decode every split once into memory, hold it on the training device as uint8 and
                 augment whole batches there (folders of small images).
         """
         super().__init__(**loader)
@@ -118,24 +116,19 @@ class ImageFolderDataModule(ImageDataModule):
             raise DataError(f"{self.root} has no train/, val/ or test/ folder: data.root must hold "
                             "<split>/<class name>/<image> files, train/ to fit and val/ or test/ to evaluate")
         self.augment, self.val_fraction, self.bad_images = augment, val_fraction, bad_images
-        self.gpu_pipeline = gpu_pipeline
-        self._options = {"image_size": image_size, "mean": tuple(mean), "std": tuple(std), "crop_pct": crop_pct,
-                         "interpolation": interpolation}
+        self.device_pipeline = device_pipeline
+        # what the data config takes from the options; unset ones keep DataConfig's defaults
+        self._options = {key: value for key, value in (("image_size", image_size), ("crop_pct", crop_pct),
+                                                        ("interpolation", interpolation), ("mean", mean),
+                                                        ("std", std)) if value is not None}
         self._training_split: tuple[Samples, Samples] | None = None
-        if "train" in self.splits:  # the data is known now: the CLI links these into the model
-            self._adopt(self._class_folders("train"), 3, self._options, "train/")
-            self.mixer = augment.batch_mixer(self.num_classes)
-            if gpu_pipeline:
-                BatchAugment.from_augmentation(augment, image_size, self.mean, self.std)  # refuses what it can't do
-        # else none of them: the CLI's links leave the checkpoint's in the model, and setup adopts the model's
+        if "train" in self.splits:  # the data is known now: the CLI links it into the model
+            self._adopt(DataConfig(**self._options, class_names=self._class_folders("train")), "train/")
+        # else none: the CLI's link leaves the checkpoint's in the model, and setup adopts the model's
 
-    def _adopt(self, class_names: list[str], in_chans: int, preprocessing: dict, known_as: str) -> None:
-        if in_chans not in _MODES:
-            raise DataError(f"cannot feed images to a model with in_chans={in_chans}; supported: {sorted(_MODES)}")
-        self.class_names, self.num_classes, self.in_chans = list(class_names), len(class_names), in_chans
-        self.image_size, self.crop_pct = preprocessing["image_size"], preprocessing["crop_pct"]
-        self.interpolation = preprocessing["interpolation"]
-        self.mean, self.std = tuple(preprocessing["mean"]), tuple(preprocessing["std"])
+    def _adopt(self, config: DataConfig, known_as: str) -> None:
+        self._set_data_config(config)
+        self.class_names = list(config.class_names)
         self._index = {name: index for index, name in enumerate(self.class_names)}
         self._known_as = known_as  # whose classes these are, for the errors
 
@@ -146,17 +139,13 @@ class ImageFolderDataModule(ImageDataModule):
             raise DataError(f"{self.root} has no train/: it can only be evaluated with a trained model "
                             "(convmixer validate|test|predict --ckpt_path FILE, or model.pretrained)")
         config = model.data_config
-        stored = {"image_size": config["input_size"][1], "mean": config["mean"], "std": config["std"],
-                  "crop_pct": config["crop_pct"], "interpolation": config["interpolation"]}
-        if config["mean"] is None:  # released weights: data_config's crop_pct 1 and bilinear are its defaults then
-            stored.update(crop_pct=model.hparams.get("crop_pct"), interpolation=model.hparams.get("interpolation"))
-        unset = [key for key, value in stored.items() if value is None]
-        if unset:
-            say("the model stores no " + ", ".join(unset) + ": evaluating with "
-                + ", ".join(f"data.{key} {self._options[key]}" for key in unset))
-        preprocessing = {key: self._options[key] if value is None else value for key, value in stored.items()}
-        names = model.hparams.get("class_names") or self._unnamed_classes(model.num_classes)
-        self._adopt(list(names), config["input_size"][0], preprocessing, "the model")
+        if config is None:  # released weights: their architecture, this module's preprocessing options
+            say("the model stores no preprocessing: evaluating with "
+                + ", ".join(f"data.{key} {value}" for key, value in self._options.items()))
+            config = DataConfig(**{**self._options, "image_size": model.hparams.get("image_size")
+                                   or self._options["image_size"]}, in_chans=model.model.in_chans,
+                                class_names=self._unnamed_classes(model.num_classes))
+        self._adopt(config, "the model")
 
     def _unnamed_classes(self, count: int) -> list[str]:
         """A model without class names (a released file): the sorted class folders, if they are all its classes."""
@@ -188,21 +177,17 @@ class ImageFolderDataModule(ImageDataModule):
                             "a class is known by its folder's name: rename or remove those folders")
         missing = [name for name in self.class_names if name not in classes]
         if missing:
-            say(f"{folder} has no folder for {len(missing)} of the {self.num_classes} classes: {_listed(missing)}")
+            say(f"{folder} has no folder for {len(missing)} of the {len(self.class_names)} classes: "
+                f"{_listed(missing)}")
+        samples: Samples = []
         others: list[str] = []  # files that are not named like images (hidden files are ignored)
-
-        def is_image(path: str) -> bool:
-            if is_image_name(path):
-                return True
-            if not os.path.basename(path).startswith("."):
-                others.append(path)
-            return False
-
-        try:
-            samples = make_dataset(str(folder), {name: self._index[name] for name in classes},
-                                   is_valid_file=is_image)
-        except FileNotFoundError as err:  # a class folder without images
-            raise DataError(f"{folder}: {err}") from err
+        for name in classes:
+            files = walk_files(folder / name, within=self.root)
+            images = [path for path in files if is_image_name(path)]
+            if not images:
+                raise DataError(f"{folder / name} holds no image; put images in it or remove it")
+            samples += [(path, self._index[name]) for path in images]
+            others += [path for path in files if not is_image_name(path) and not os.path.basename(path)[0] == "."]
         if self.bad_images == "skip":
             return _drop_unreadable(samples, others, folder, self.class_names)
         if others:  # a file named like an image but unreadable stops training when first read, naming the file
@@ -250,20 +235,18 @@ class ImageFolderDataModule(ImageDataModule):
                         "above 0 to hold out part of train/")
 
     def _dataset(self, samples: Samples, where: str, train: bool = False) -> Dataset:
-        mode = _MODES[self.in_chans]
-        size, mean, std = self.image_size, self.mean, self.std
-        if not self.gpu_pipeline:
-            transform = (self.augment.train_transform(size, mean, std) if train
-                         else eval_transform(size, mean, std, self.crop_pct, self.interpolation))
-            return LabelledImages(samples, transform, mode)
+        config = self.data_config
+        if not self.device_pipeline:
+            transform = self.augment.train_transform(config) if train else config.eval_transform()
+            return LabelledImages(samples, transform, config.pil_mode)
         # decoded once at image_size: evaluation's resize and center crop (the device converts to float and
         # normalises per batch); for training the centre square, which batches are cropped from
         paths = [path for path, _ in samples]
-        resize = _resize_and_crop(size, 1.0 if train else self.crop_pct, self.interpolation)
-        images = decode_all(paths, mode, resize, where)
+        decoded = dataclasses.replace(config, crop_pct=1.0) if train else config
+        images = decode_all(paths, config.pil_mode, decoded.image_transform(), where)
         targets = torch.tensor([target for _, target in samples], dtype=torch.long)
         # the per-image path on the decoded copy: what the prediction loader (and a CPU check) use
-        transform = self.augment.train_transform(size, mean, std) if train else eval_transform(size, mean, std)
+        transform = self.augment.train_transform(config) if train else config.batch_transform()
         return TensorImageDataset(images, targets, transform, paths)
 
     def setup(self, stage: str | None = None) -> None:
@@ -282,19 +265,6 @@ class ImageFolderDataModule(ImageDataModule):
             self.test_set = self._dataset(*self._evaluation("test", stage))
 
 
-def _resize_and_crop(size: int, crop_pct: float, interpolation: str):
-    """`eval_transform`'s resize (short side to size / crop_pct) and center crop, on uint8 tensors."""
-    resize = v2.Resize(int(size / crop_pct), interpolation=v2.InterpolationMode(interpolation), antialias=True)
-    crop = v2.CenterCrop(size)
-
-    def apply(image: torch.Tensor) -> torch.Tensor:
-        if image.shape[-2:] == (size, size) and int(size / crop_pct) == size:
-            return image  # both steps would return it as it is; their overhead is larger than a small decode
-        return crop(resize(image))
-
-    return apply
-
-
 def _drop_unreadable(samples: Samples, others: list[str], folder: Path, names: list[str]) -> Samples:
     """`data.bad_images: skip`: keep the images that decode, warn with a count."""
     problems = readable([path for path, _ in samples])
@@ -311,10 +281,8 @@ def _drop_unreadable(samples: Samples, others: list[str], folder: Path, names: l
 class ImageFiles(Dataset):
     """Image files of any size and PIL mode, converted to the model's channels; items are (image, index)."""
 
-    def __init__(self, paths: list[Path], in_chans: int, transform) -> None:
-        if in_chans not in _MODES:
-            raise DataError(f"cannot feed images to a model with in_chans={in_chans}; supported: {sorted(_MODES)}")
-        self.paths, self.mode, self.transform = paths, _MODES[in_chans], transform
+    def __init__(self, paths: list[Path], config: DataConfig) -> None:
+        self.paths, self.mode, self.transform = paths, config.pil_mode, config.eval_transform()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -328,7 +296,7 @@ class FolderPredictDataModule(ImageDataModule):
 
     It knows nothing of the model: image size, channels and normalisation come from the model it predicts with
     (`ConvMixerClassifier.data_config`, stored in its checkpoint), so no training data is needed.
-    `convmixer predict --data <folder>` is short for `--data FolderPredictDataModule --data.root <folder>`.
+    `convmixer predict --data FolderPredictDataModule --data.root <folder>`.
     """
 
     def __init__(self, root: str, **loader) -> None:
@@ -348,7 +316,10 @@ class FolderPredictDataModule(ImageDataModule):
                 raise DataError(f"{self.root} holds no images: no file in it or its sub-folders is of a format PIL "
                                 "opens (.jpg, .png, .gif, .tif, .webp, ...)")
             model = self.trainer.lightning_module
-            self.predict_set = ImageFiles(paths, model.data_config["input_size"][0], model.eval_transform())
+            if model.data_config is None:
+                raise DataError("the model stores no preprocessing (released weights): predict with a checkpoint "
+                                "of `convmixer fit`, or with an image folder data module that sets it")
+            self.predict_set = ImageFiles(paths, model.data_config)
 
     def predict_dataloader(self):
         return self._loader(self.predict_set)

@@ -5,6 +5,7 @@ leaving out the unreadable ones (`data.bad_images: skip`), and decoding a whole 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image, ImageFile, ImageOps
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..console import say
-from .base import DataError
+from ..preprocessing import DataError
 
 
 def _image_extensions() -> frozenset[str]:
@@ -39,9 +40,40 @@ def is_image_name(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def walk_files(folder: str | os.PathLike, within: str | os.PathLike | None = None) -> list[str]:
+    """The regular files under `folder` (sub-folders included, sorted as torchvision's ImageFolder lists them).
+
+    Symlinked folders are followed where they lead out of `within` (data kept elsewhere), but a folder is never
+    entered twice and a link back into `within` is not followed, so a symlink loop neither hangs nor relabels
+    another class's images; sockets, pipes and devices are passed over (reading a pipe would block)."""
+    inside = os.path.realpath(within if within is not None else folder) + os.sep
+    seen: set[str] = set()
+    folders: list[tuple[str, list[str]]] = []
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(top))
+        kept = []
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(top, name))
+            linked_back = os.path.islink(os.path.join(top, name)) and (real + os.sep).startswith(inside)
+            if real not in seen and not linked_back:
+                seen.add(real)
+                kept.append(name)
+        dirs[:] = kept
+        folders.append((top, names))
+    return [path for top, names in sorted(folders) for path in (os.path.join(top, name) for name in sorted(names))
+            if _regular(path)]
+
+
+def _regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)  # through a link to its target; a dangling link is not
+    except OSError:
+        return False
+
+
 def find_images(root: Path) -> list[Path]:
     """Image files anywhere under `root`, sorted."""
-    return sorted(path for path in root.rglob("*") if is_image_name(path) and path.is_file())
+    return [Path(path) for path in walk_files(root) if is_image_name(path)]
 
 
 def read_image(path: str, mode: str = "RGB") -> Image.Image:

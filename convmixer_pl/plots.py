@@ -1,141 +1,234 @@
 """Pictures of what a ConvMixer learned: training curves, the test confusion matrix, and, as in the paper's figures,
-the depthwise kernels and patch-embedding filters as grids.
+the depthwise kernels and patch-embedding filters as grids; and `read_metrics`, the one reader of a run's
+`metrics.csv`.
 
-    convmixer plots --ckpt_path checkpoints/digits/last.ckpt --out docs/images   (or python -m convmixer_pl.plots)
+    convmixer plots --ckpt_path checkpoints/digits/last.ckpt     # -> checkpoints/digits/plots/
 
-The kernel and filter grids need only torchvision. The curves and the confusion matrix need matplotlib (a
-dependency); without it they are skipped with a note, and the confusion matrix is still saved as
-`confusion_matrix.csv`. `convmixer fit` writes the first three through `callbacks.PlotWriter` and
-`convmixer test` the confusion matrix through `callbacks.PerClassReport`.
+Every picture is drawn with matplotlib, titled, with labelled axes and a colour scale, and written through
+`files.atomic_write`. `convmixer fit` writes the curves and the grids through `callbacks.PlotWriter`, `convmixer
+test` the confusion matrix through `callbacks.PerClassReport`; `plots` draws all four again from a checkpoint and
+its logs.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.nn import functional as F
-from torchvision.utils import make_grid, save_image
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .checkpoints import load_module
-from .console import run_entry_point, say
+from .console import say
+from .files import atomic_write
 from .model import ConvMixer
 
 CURVES, CONFUSION, KERNELS, FILTERS = ("training_curves.png", "confusion_matrix.png", "depthwise_kernels.png",
                                        "patch_embeddings.png")
-MATPLOTLIB_MISSING = "matplotlib is not installed (pip install matplotlib)"
+DPI = 100
+GAP = "white"  # between kernels; the diverging scale's zero is a pale grey, so the gaps stay visible
 
 
-def has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def log_folder(trainer, out_dir: str | None, name: str) -> Path:
+    """`out_dir`, or `<log dir>/<name>/` (checkpoints/<run>/lightning_logs/version_N/<name>/)."""
+    log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+    return Path(out_dir) if out_dir else Path(log_dir or trainer.default_root_dir) / name
 
 
-def _upscale(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Nearest-neighbour upscaling so that 2x2 or 5x5 weights show as visible squares."""
-    factor = max(1, math.ceil(size / images.shape[-1]))
-    return F.interpolate(images, scale_factor=factor, mode="nearest")
+def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=DPI)
+    return Path(path)
 
 
-def _grid(weights: torch.Tensor, nrow: int, size: int) -> torch.Tensor:
-    # each kernel/filter scaled to its own range, as in the paper's figures, up to 0.8 so the white gaps show
-    x = weights.float()
-    low, high = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
-    x = 0.8 * (x - low) / (high - low).clamp_min(1e-12)
-    return make_grid(_upscale(x, size), nrow=nrow, padding=3, pad_value=1.0)
+# -- kernel and filter grids ---------------------------------------------------------------------------------------
+
+def tile(weights: np.ndarray, columns: int) -> np.ndarray:
+    """(n, c, k, k) weights as one (rows * (k + 1) - 1, columns * (k + 1) - 1, c) image, row by row, with NaN in
+    the one-pixel gaps between them."""
+    n, c, k, _ = weights.shape
+    rows = math.ceil(n / columns)
+    image = np.full((rows * (k + 1) - 1, columns * (k + 1) - 1, c), np.nan, dtype=np.float32)
+    for i, weight in enumerate(weights):
+        row, column = divmod(i, columns)
+        image[row * (k + 1):row * (k + 1) + k, column * (k + 1):column * (k + 1) + k] = weight.transpose(1, 2, 0)
+    return image
 
 
-def depthwise_kernel_grid(model: ConvMixer, layers: int = 6, per_layer: int = 64, size: int = 24) -> torch.Tensor:
-    """The first `per_layer` depthwise kernels of up to `layers` evenly spaced blocks, one square panel per block,
-    left (first block) to right (last)."""
-    depth, n = len(model.blocks), min(layers, len(model.blocks))
-    chosen = sorted({round(i * (depth - 1) / max(1, n - 1)) for i in range(n)})
-    panels = []
-    for i in chosen:
-        weight = model.blocks[i][0].fn[0].weight.detach().cpu()[:per_layer]  # (dim, 1, k, k)
-        panels.append(_grid(weight, nrow=math.ceil(math.sqrt(len(weight))), size=size))
-    return make_grid(torch.stack(panels), nrow=len(panels), padding=6, pad_value=1.0)
+def _index_axes(ax, count: int, columns: int, k: int, ylabel: bool = True) -> None:
+    """Ticks at the kernels' centres: the column on x, the channel of each row's first kernel on y."""
+    rows = math.ceil(count / columns)
+    step = max(1, columns // 8)
+    ax.set_xticks([c * (k + 1) + (k - 1) / 2 for c in range(0, columns, step)], range(0, columns, step))
+    ax.set_yticks([r * (k + 1) + (k - 1) / 2 for r in range(0, rows, step)], range(0, rows * columns, step * columns))
+    ax.set_xlabel("+ column")
+    if ylabel:
+        ax.set_ylabel("channel")
+    ax.tick_params(length=0, labelsize=8)
 
 
-def patch_embedding_grid(model: ConvMixer, limit: int = 256, size: int = 16) -> torch.Tensor:
-    """The patch-embedding filters (the stem convolution), in colour for RGB models."""
-    weight = model.stem[0].weight.detach().cpu()[:limit]  # (dim, in_chans, p, p)
-    if weight.shape[1] not in (1, 3):
-        weight = weight.mean(1, keepdim=True)
-    return _grid(weight, nrow=math.ceil(math.sqrt(len(weight))), size=size)
+def _draw_grid(figure: Figure, ax, weights: np.ndarray, label: str, ylabel: bool = True) -> None:
+    """One grid of one-channel weights on a symmetric diverging scale (0 in the middle), with its colour bar."""
+    columns = math.ceil(math.sqrt(len(weights)))
+    limit = float(np.abs(weights).max()) or 1.0
+    cmap = colormaps["RdBu_r"].with_extremes(bad=GAP)
+    image = ax.imshow(tile(weights, columns)[..., 0], cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+    _index_axes(ax, len(weights), columns, weights.shape[-1], ylabel)
+    bar = figure.colorbar(image, ax=ax, orientation="horizontal", shrink=0.9, aspect=30)
+    bar.set_label(label, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+    bar.ax.xaxis.set_major_locator(MaxNLocator(5, symmetric=True))
+
+
+def chosen_blocks(depth: int, layers: int) -> list[int]:
+    """Up to `layers` evenly spaced block indices, the first and the last included."""
+    n = min(layers, depth)
+    return sorted({round(i * (depth - 1) / max(1, n - 1)) for i in range(n)})
+
+
+def depthwise_kernels(model: ConvMixer, layers: int = 6, per_layer: int = 64) -> Figure:
+    """The first `per_layer` depthwise kernels of up to `layers` evenly spaced blocks, one panel per block, each on
+    its own symmetric scale."""
+    blocks = chosen_blocks(len(model.blocks), layers)
+    figure = Figure(figsize=(max(6.0, 0.4 + 2.9 * len(blocks)), 4.6), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(blocks)))
+    for ax, i in zip(axes, blocks, strict=True):
+        weight = model.blocks[i][0].fn[0].weight.detach().float().cpu()[:per_layer].numpy()  # (n, 1, k, k)
+        _draw_grid(figure, ax, weight, "weight", ylabel=i == blocks[0])
+        ax.set_title(f"block {i + 1}", fontsize=10)
+    k, dim = model.blocks[0][0].fn[0].kernel_size[0], model.blocks[0][0].fn[0].out_channels
+    shown = min(per_layer, dim)
+    depth = len(model.blocks)
+    numbers = ", ".join(str(i + 1) for i in blocks)
+    which = f"all {depth} blocks" if len(blocks) == depth else f"blocks {numbers} of {depth}"
+    figure.suptitle(f"Depthwise {k}×{k} kernels of channels 0-{shown - 1} (of {dim})\nin {which}, each block on its "
+                    "own scale", fontsize=11)
+    return figure
+
+
+def patch_embeddings(model: ConvMixer, limit: int = 256) -> Figure:
+    """The patch-embedding filters (the stem convolution): RGB filters in colour on one shared scale, others grey
+    with a colour bar."""
+    weight = model.stem[0].weight.detach().float().cpu()[:limit].numpy()  # (n, in_chans, p, p)
+    n, in_chans, p, _ = weight.shape
+    figure = Figure(figsize=(5.0, 5.6), layout="constrained")
+    ax = figure.subplots()
+    title = f"Patch-embedding filters: {n} of {model.stem[0].out_channels}, {p}×{p}"
+    if in_chans == 3:
+        limit_value = float(np.abs(weight).max()) or 1.0
+        columns = math.ceil(math.sqrt(n))
+        image = tile(0.5 + 0.5 * weight / limit_value, columns)
+        image[np.isnan(image)] = 1.0  # white gaps
+        ax.imshow(image.clip(0, 1), interpolation="nearest")
+        _index_axes(ax, n, columns, p)
+        title += f" × RGB\none scale: mid-grey is 0, full colour ±{limit_value:.3g}"
+    else:
+        label = "weight" if in_chans == 1 else f"mean weight over the {in_chans} input channels"
+        _draw_grid(figure, ax, weight if in_chans == 1 else weight.mean(1, keepdims=True), label)
+    ax.set_title(title, fontsize=10)
+    return figure
 
 
 def save_weight_grids(model: ConvMixer, out_dir: str | os.PathLike) -> list[Path]:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_image(depthwise_kernel_grid(model), out / KERNELS)
-    save_image(patch_embedding_grid(model), out / FILTERS)
-    return [out / KERNELS, out / FILTERS]
+    return [save_figure(depthwise_kernels(model), out / KERNELS), save_figure(patch_embeddings(model), out / FILTERS)]
 
+
+# -- curves --------------------------------------------------------------------------------------------------------
 
 def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """`metrics.csv` of Lightning's CSVLogger as {metric: [(epoch, value), ...]}, epoch-level rows only."""
-    series: dict[str, list[tuple[int, float]]] = {}
+    """`metrics.csv` of Lightning's CSVLogger as {metric: [(epoch, value), ...]} by epoch, epoch-level rows only.
+
+    Tolerates what a resumed run leaves: rows appended after the first run's (a later row for the same metric and
+    epoch replaces the earlier one), a header repeated in the middle, and a last row cut short by a kill (left out).
+    """
+    latest: dict[str, dict[int, float]] = {}
     with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if not row.get("epoch"):
+        rows = csv.reader(handle)
+        header = next(rows, [])
+        for row in rows:
+            if "epoch" in row and "step" in row:  # a header written again by an appending run
+                header = row
                 continue
-            for key, value in row.items():
-                if key not in ("epoch", "step") and value not in ("", None) and not key.endswith("_step"):
-                    series.setdefault(key, []).append((int(row["epoch"]), float(value)))
-    return series
+            if len(row) != len(header):
+                continue  # cut short by a kill (Lightning writes every column of every row)
+            record = dict(zip(header, row, strict=True))
+            try:
+                epoch = int(float(record.get("epoch") or "nan"))
+            except ValueError:
+                continue  # step-level rows (the learning rate) and cut-off rows have no epoch
+            for key, value in record.items():
+                if key in ("epoch", "step") or key.endswith("_step") or not value:
+                    continue
+                try:
+                    latest.setdefault(key, {})[epoch] = float(value)
+                except ValueError:
+                    continue
+    return {key: sorted(values.items()) for key, values in latest.items()}
+
+
+CURVE_PANELS = (("loss", "cross-entropy", ("train/loss_epoch", "val/loss")),
+                ("top-1 accuracy", "fraction correct", ("train/acc1", "val/acc1")))
+
+
+def has_curves(series: dict[str, list[tuple[int, float]]]) -> bool:
+    """Whether `read_metrics`'s answer holds anything `plot_curves` draws."""
+    return any(key in series for _, _, keys in CURVE_PANELS for key in keys)
 
 
 def plot_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Loss and top-1 accuracy by epoch, training and validation (needs matplotlib)."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
+    """Loss and top-1 accuracy by epoch, training and validation, from a run's metrics.csv."""
     series = read_metrics(metrics_csv)
-    panels = (("loss", ("train/loss_epoch", "val/loss")), ("top-1 accuracy", ("train/acc1", "val/acc1")))
-    if not any(key in series for _, keys in panels for key in keys):
+    if not has_curves(series):
         raise ValueError(f"{metrics_csv} holds no train/val loss or acc1 by epoch; pass the log of a `convmixer fit`")
-    figure = Figure(figsize=(9, 3.4), layout="constrained")
-    for ax, (title, keys) in zip(figure.subplots(1, 2), panels, strict=True):
+    return save_figure(curves(series), path)
+
+
+def curves(series: dict[str, list[tuple[int, float]]]) -> Figure:
+    """Loss and top-1 accuracy by epoch, training and validation (`read_metrics`'s answer)."""
+    figure = Figure(figsize=(9, 3.6), layout="constrained")
+    for ax, (title, unit, keys) in zip(figure.subplots(1, 2), CURVE_PANELS, strict=True):
         for key in keys:
             if key in series:
-                epochs, values = zip(*sorted(series[key]), strict=True)
-                ax.plot([e + 1 for e in epochs], values, marker="o", markersize=3,
-                        label=key.replace("_epoch", ""))
-        ax.set(title=title, xlabel="epoch")
+                epochs, values = zip(*series[key], strict=True)
+                ax.plot([e + 1 for e in epochs], values, marker="o", markersize=3, label=key.replace("_epoch", ""))
+        ax.set(title=title, xlabel="epoch", ylabel=unit)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
-    figure.savefig(path, dpi=100)
-    return Path(path)
+    figure.suptitle("Training and validation by epoch", fontsize=11)
+    return figure
 
+
+# -- confusion matrix ----------------------------------------------------------------------------------------------
 
 def plot_confusion_matrix(confmat: torch.Tensor, class_names: list[str], path: str | os.PathLike) -> Path:
-    """Rows: true class, columns: predicted class; torchmetrics draws it (needs matplotlib)."""
-    from matplotlib.figure import Figure
+    return save_figure(confusion_matrix(confmat, class_names), path)
+
+
+def confusion_matrix(confmat: torch.Tensor, class_names: list[str]) -> Figure:
+    """Rows: true class, columns: predicted class; torchmetrics draws it, with a colour bar of image counts."""
     from torchmetrics.classification import MulticlassConfusionMatrix
 
     n = len(class_names)
     side = min(12.0, 3 + 0.45 * n)
-    figure = Figure(figsize=(side, side), layout="constrained")
+    figure = Figure(figsize=(side + 1.0, side), layout="constrained")
     ax = figure.subplots()
     MulticlassConfusionMatrix(n).plot(val=confmat, ax=ax, labels=class_names, add_text=n <= 20)
     if max(len(name) for name in class_names) <= 3:
         ax.tick_params(labelrotation=0)  # short names read better upright
-    ax.set_title(f"test confusion matrix ({int(confmat.sum())} images)")
-    figure.savefig(path, dpi=100)
-    return Path(path)
+    figure.colorbar(ax.images[0], ax=ax, shrink=0.8, label="images")
+    ax.set_title(f"Test confusion matrix ({int(confmat.sum())} images)")
+    return figure
 
 
 def save_confusion_csv(confmat: torch.Tensor, class_names: list[str], path: str | os.PathLike) -> Path:
-    with open(path, "w", newline="") as handle:
+    with atomic_write(path, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["true \\ predicted", *class_names])
         for name, row in zip(class_names, confmat.tolist(), strict=True):
@@ -149,6 +242,8 @@ def read_confusion_csv(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]
     return torch.tensor([[int(v) for v in row[1:]] for row in rows[1:]]), rows[0][1:]
 
 
+# -- convmixer plots -----------------------------------------------------------------------------------------------
+
 def _newest(paths, accept=lambda path: True) -> Path | None:
     found = [path for path in paths if accept(path)]
     return max(found, key=lambda path: path.stat().st_mtime) if found else None
@@ -159,38 +254,31 @@ def _has_training(metrics_csv: Path) -> bool:
         return any(name.startswith("train/") for name in next(csv.reader(handle), []))
 
 
-def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="convmixer plots", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `convmixer fit`")
-    parser.add_argument("--log_dir", help="folder searched (with sub-folders) for the newest metrics.csv of a fit "
-                                          "and confusion_matrix.csv of a test; default: the checkpoint's folder")
-    parser.add_argument("--out", default="plots", help="folder for the PNGs (default: ./plots)")
-    args = parser.parse_args(argv)
-    return run_entry_point(lambda: _make_all(Path(args.ckpt_path), Path(args.log_dir) if args.log_dir else None,
-                                             Path(args.out)), prog="convmixer plots")
+def plots(ckpt_path: str, log_dir: str | None = None, out: str | None = None) -> Path:
+    """Draw a checkpoint's pictures again: curves, confusion matrix, kernels and filters.
 
-
-def _make_all(ckpt_path: Path, log_dir: Path | None, out: Path) -> list[Path]:
-    module = load_module(ckpt_path)
-    log_dir = log_dir or ckpt_path.parent
-    if not log_dir.is_dir():
-        raise ValueError(f"--log_dir {log_dir}: no such folder")
-    written = save_weight_grids(module.model, out)
-    metrics = _newest(log_dir.rglob("metrics.csv"), _has_training)
-    confusion = _newest(log_dir.rglob("confusion_matrix.csv"))
-    for name, source, hint in ((CURVES, metrics, "run `convmixer fit` with the CSV logger (the default)"),
-                               (CONFUSION, confusion, "run `convmixer test` first")):
-        if source is None:
-            say(f"no {name}: nothing to draw it from under {log_dir}/; {hint}")
-        elif not has_matplotlib():
-            say(f"no {name}: {MATPLOTLIB_MISSING}")
-        elif name == CURVES:
-            written.append(plot_curves(source, out / CURVES))
-        else:
-            written.append(plot_confusion_matrix(*read_confusion_csv(source), out / CONFUSION))
-    say(f"plots written to {out}/: {', '.join(path.name for path in written)}")
-    return written
-
-
-if __name__ == "__main__":
-    main()
+    Args:
+        ckpt_path: a checkpoint written by `convmixer fit`.
+        log_dir: folder searched (with its sub-folders) for the newest metrics.csv of a fit and
+            confusion_matrix.csv of a test; default: the checkpoint's folder.
+        out: folder for the PNGs; default: `plots/` in the checkpoint's folder.
+    """
+    checkpoint = Path(ckpt_path)
+    logs = Path(log_dir) if log_dir else checkpoint.parent
+    if log_dir and not logs.is_dir():
+        raise ValueError(f"--log_dir {logs}: no such folder")
+    module = load_module(checkpoint)
+    folder = Path(out) if out else checkpoint.parent / "plots"
+    save_weight_grids(module.model, folder)
+    metrics = _newest(logs.rglob("metrics.csv"), _has_training)
+    confusion = _newest(logs.rglob("confusion_matrix.csv"))
+    if metrics is None:
+        say(f"no {CURVES}: no metrics.csv of a fit under {logs}/; run `convmixer fit` with the CSV logger "
+            "(the default)")
+    else:
+        plot_curves(metrics, folder / CURVES)
+    if confusion is None:
+        say(f"no {CONFUSION}: no confusion_matrix.csv under {logs}/; run `convmixer test` first")
+    else:
+        plot_confusion_matrix(*read_confusion_csv(confusion), folder / CONFUSION)
+    return folder

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from ..console import say
-from ..plots import CURVES, MATPLOTLIB_MISSING, has_matplotlib, plot_curves, save_weight_grids
-
-
-def log_folder(trainer, out_dir: str | None, name: str) -> Path:
-    """`out_dir`, or `<log dir>/<name>/` (checkpoints/<run>/lightning_logs/version_N/<name>/)."""
-    log_dir = trainer.log_dir  # a collective under DDP: every rank asks
-    return Path(out_dir) if out_dir else Path(log_dir or trainer.default_root_dir) / name
+from ..plots import CURVES, has_curves, log_folder, plot_curves, read_metrics, save_weight_grids
 
 
 class PlotWriter(Callback):
@@ -39,9 +33,11 @@ class PlotWriter(Callback):
         logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
         if logger is None:
             say(f"no {CURVES}: it is drawn from the CSV logger's metrics.csv, and no CSVLogger is in use")
-        elif not has_matplotlib():
-            say(f"no {CURVES}: {MATPLOTLIB_MISSING}")
         else:
             logger.save()
-            written.append(plot_curves(logger.experiment.metrics_file_path, out / CURVES))
+            metrics = logger.experiment.metrics_file_path
+            if os.path.isfile(metrics) and has_curves(read_metrics(metrics)):
+                written.append(plot_curves(metrics, out / CURVES))
+            else:  # nothing trained in this call (a finished run resumed): no epochs to draw
+                say(f"no {CURVES}: this run logged no epoch's loss or accuracy")
         say(f"plots written to {out}/: {', '.join(path.name for path in written)}")

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from ..console import say
+from ..files import atomic_write
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -75,8 +76,7 @@ class PredictionWriter(BasePredictionWriter):
                                for p, c in zip(value, cls, strict=True)]
             records.append(record)
         output = Path(self.output) if self.output else Path(trainer.default_root_dir) / "predictions.csv"
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w", newline="") as handle:
+        with atomic_write(output, newline="") as handle:  # a failure leaves the previous file as it was
             writer = csv.writer(handle)
             writer.writerow(header)
             for record in records:
@@ -85,6 +85,7 @@ class PredictionWriter(BasePredictionWriter):
         say(f"{len(records)} predictions written to {output}")
         if self.json:
             json_path = output.with_suffix(".json")
-            json_path.write_text(json.dumps(records, indent=1) + "\n")
+            with atomic_write(json_path) as handle:
+                handle.write(json.dumps(records, indent=1) + "\n")
             say(f"and to {json_path}")
         return output

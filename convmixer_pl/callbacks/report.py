@@ -1,8 +1,9 @@
 """The report of `convmixer test`: per-class precision, recall, F1 and support, and the confusion matrix.
 
-Printed as a table (up to `max_printed` classes) and written to `<log dir>/report/`: `per_class.csv`,
-`confusion_matrix.csv` and, with matplotlib, `confusion_matrix.png`. Computed by torchmetrics from the logits
-that `test_step` returns, summed over all processes under DDP.
+Printed as a table (up to `max_printed` classes) once the test's progress bar and results are done, and written to
+`<log dir>/report/`: `per_class.csv`, `confusion_matrix.csv` and `confusion_matrix.png`. Computed by torchmetrics
+(the macro and support-weighted averages too) from the logits that `test_step` returns, summed over all processes
+under DDP.
 """
 
 from __future__ import annotations
@@ -21,20 +22,29 @@ from torchmetrics.classification import (
 )
 
 from ..console import say
-from ..plots import CONFUSION, MATPLOTLIB_MISSING, has_matplotlib, plot_confusion_matrix, save_confusion_csv
-from .plots import log_folder
+from ..files import atomic_write
+from ..plots import CONFUSION, log_folder, plot_confusion_matrix, save_confusion_csv
 
 PER_CLASS = "per_class.csv"
+SCORES = {"precision": MulticlassPrecision, "recall": MulticlassRecall, "f1": MulticlassF1Score}
+AVERAGES = {"macro avg": "macro", "weighted avg": "weighted"}
 
 
-def per_class_table(names: list[str], precision, recall, f1, support) -> list[list]:
+def report_metrics(num_classes: int) -> MetricCollection:
+    """Per-class scores, their macro and weighted averages, and the confusion matrix; the scores share their
+    statistics (torchmetrics compute groups)."""
+    metrics = {f"{name}/{average}": metric(num_classes, average=average)
+               for name, metric in SCORES.items() for average in ("none", "macro", "weighted")}
+    return MetricCollection({**metrics, "confusion": MulticlassConfusionMatrix(num_classes)})
+
+
+def per_class_table(names: list[str], values: dict[str, torch.Tensor]) -> list[list]:
     """Rows of class, precision, recall, F1, support; then the macro and the support-weighted averages."""
-    rows = [[name, p, r, f, int(s)] for name, p, r, f, s in zip(names, precision, recall, f1, support, strict=True)]
-    total = sum(int(s) for s in support)
-    for label, weights in (("macro avg", [1.0] * len(names)), ("weighted avg", [float(s) for s in support])):
-        norm = sum(weights) or 1.0
-        rows.append([label, *(sum(w * v for w, v in zip(weights, column, strict=True)) / norm
-                              for column in (precision, recall, f1)), total])
+    support = values["confusion"].sum(1).tolist()
+    columns = [values[f"{name}/none"].tolist() for name in SCORES]
+    rows = [[name, *scores, int(count)] for name, *scores, count in zip(names, *columns, support, strict=True)]
+    for label, average in AVERAGES.items():
+        rows.append([label, *(float(values[f"{name}/{average}"]) for name in SCORES), int(sum(support))])
     return rows
 
 
@@ -52,16 +62,11 @@ class PerClassReport(Callback):
         self.metrics: MetricCollection | None = None
         self.table: list[list] | None = None  # the last run's rows, as written to per_class.csv
         self.confusion: torch.Tensor | None = None
+        self._pending: tuple[str | None, Path] | None = None  # (table to print, folder), printed in teardown
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        if not self.enabled:
-            return
-        n = pl_module.num_classes
-        # one confusion matrix per test run; the three scores share their statistics (torchmetrics compute groups)
-        self.metrics = MetricCollection({
-            "precision": MulticlassPrecision(n, average=None), "recall": MulticlassRecall(n, average=None),
-            "f1": MulticlassF1Score(n, average=None), "confusion": MulticlassConfusionMatrix(n),
-        }).to(pl_module.device)
+        if self.enabled:  # one set of metrics per test run
+            self.metrics = report_metrics(pl_module.num_classes).to(pl_module.device)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.metrics is not None and outputs is not None:
@@ -75,32 +80,30 @@ class PerClassReport(Callback):
         out = log_folder(trainer, self.out_dir, "report")
         if not trainer.is_global_zero:
             return
-        names, confusion = pl_module.class_names, values["confusion"]
-        self.confusion = confusion
-        self.table = per_class_table(names, values["precision"].tolist(), values["recall"].tolist(),
-                                     values["f1"].tolist(), confusion.sum(1).tolist())
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / PER_CLASS, "w", newline="") as handle:
+        names = pl_module.class_names
+        self.confusion, self.table = values["confusion"], per_class_table(names, values)
+        with atomic_write(out / PER_CLASS, newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["class", "precision", "recall", "f1", "support"])
             writer.writerows([row[0], *(f"{v:.6f}" for v in row[1:4]), row[4]] for row in self.table)
-        save_confusion_csv(confusion, names, out / "confusion_matrix.csv")
-        written = [PER_CLASS, "confusion_matrix.csv"]
-        if has_matplotlib():
-            plot_confusion_matrix(confusion, names, out / CONFUSION)
-            written.append(CONFUSION)
-        else:
-            say(f"no {CONFUSION}: {MATPLOTLIB_MISSING}")
-        if len(names) <= self.max_printed:
-            print(format_table(self.table), flush=True)
-        say(f"test report written to {out}/: {', '.join(written)}")
+        save_confusion_csv(self.confusion, names, out / "confusion_matrix.csv")
+        plot_confusion_matrix(self.confusion, names, out / CONFUSION)
+        self._pending = (format_table(self.table) if len(names) <= self.max_printed else None, out)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # after the progress bar has finished its line and Lightning has printed its results: on lines of its own
+        if self._pending is not None:
+            (table, out), self._pending = self._pending, None
+            if table:
+                print(table, flush=True)
+            say(f"test report written to {out}/: {PER_CLASS}, confusion_matrix.csv, {CONFUSION}")
 
 
 def format_table(rows: list[list]) -> str:
     width = max(12, *(len(str(row[0])) for row in rows))
     lines = [f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}"]
     for i, (name, p, r, f, s) in enumerate(rows):
-        if i == len(rows) - 2:
+        if i == len(rows) - len(AVERAGES):
             lines.append("")
         lines.append(f"{name:<{width}} {p:>9.4f} {r:>9.4f} {f:>9.4f} {s:>8d}")
     return "\n".join(lines)

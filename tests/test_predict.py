@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +17,7 @@ from conftest import TINY_DIGITS
 from PIL import Image
 
 from convmixer_pl.checkpoints import load_module
-from convmixer_pl.cli import ConvMixerCLI, expand_shorthands, main
+from convmixer_pl.cli import ConvMixerCLI, main
 from convmixer_pl.data import DataError, FolderPredictDataModule
 from convmixer_pl.plots import read_confusion_csv
 
@@ -146,17 +148,33 @@ def test_unreadable_image_is_a_one_line_error_naming_the_file(digits_run, tmp_pa
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_data_shorthand_rewrites_only_a_folder_given_to_predict(tmp_path):
-    folder, config = tmp_path / "imgs", tmp_path / "data.yaml"
-    folder.mkdir()
-    config.write_text("class_path: convmixer_pl.data.DigitsDataModule\n")
-    module = "convmixer_pl.data.folders.FolderPredictDataModule"
-    assert expand_shorthands(["predict", "--data", str(folder), "--data.batch_size", "8"]) == \
-        ["predict", "--data", module, "--data.root", str(folder), "--data.batch_size", "8"]
-    assert expand_shorthands(["predict", f"--data={folder}"]) == \
-        ["predict", "--data", module, "--data.root", str(folder)]
-    for unchanged in (["predict", "--data", str(config)], ["predict", "--data", "DigitsDataModule"],
-                      ["predict", "--data.root", str(folder)], ["fit", "--data", str(folder)]):
-        assert expand_shorthands(unchanged) == unchanged
-    with pytest.raises(DataError, match="no such folder"):
-        expand_shorthands(["predict", "--data", str(tmp_path / "missing") + "/"])
+def test_a_predict_that_fails_while_writing_leaves_the_previous_file(digits_run, tmp_path, capsys, monkeypatch):
+    write_mixed_images(tmp_path / "images")
+    output = tmp_path / "p.csv"
+    args = ["predict", "--ckpt_path", str(digits_run / "last.ckpt"), "--data", "FolderPredictDataModule",
+            "--data.root", str(tmp_path / "images"),
+            "--predictions.output", str(output), *elsewhere(tmp_path)]
+    main(args)
+    good = output.read_text()
+    assert len(good.splitlines()) == 1 + len(MIXED)
+
+    real_writer = csv.writer
+
+    class FillsTheDisk:  # csv.writer over a disk that fills after three rows
+        def __init__(self, handle):
+            self.writer, self.rows = real_writer(handle), 0
+
+        def writerow(self, row):
+            self.rows += 1
+            if self.rows > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.writer.writerow(row)
+
+    monkeypatch.setattr("convmixer_pl.callbacks.predictions.csv.writer", FillsTheDisk)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"convmixer: error: cannot write {output}: no space left on its device" in err
+    assert output.read_text() == good  # the good file, whole, where it was
+    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["p.csv"] and not list(tmp_path.glob(".p.csv.*"))

@@ -3,26 +3,33 @@ scikit-learn's digits."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import pickle
+import shlex
+import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    CIFAR10_CLASSES,
-)
+from conftest import CIFAR10_CLASSES, write_cifar
 from PIL import Image
 from sklearn.datasets import load_digits
+from torchvision.datasets import CIFAR10, CIFAR100
 
 from convmixer_pl.data import (
     CIFAR_MEAN,
     CIFAR_STD,
     CIFARDataModule,
+    DataConfig,
     DataError,
     DigitsDataModule,
     read_image,
 )
+from convmixer_pl.data.cifar import read_pickle
 
 LOADER = dict(num_workers=0, pin_memory=False, persistent_workers=False)
 CIFAR = {  # folder, training files, label key, class names, training images in the fixture
@@ -56,9 +63,11 @@ def _cifar(root, dataset, **kwargs) -> CIFARDataModule:
 def test_cifar_loads_batches_with_the_right_shapes_labels_and_normalisation(cifar_root, dataset):
     folder, train_files, test_file, label_key, classes, n_train = CIFAR[dataset]
     dm = _cifar(cifar_root, dataset, val_fraction=20 / n_train)
-    assert (dm.num_classes, dm.in_chans, dm.image_size) == (len(classes), 3, 32)
+    config = dm.data_config  # known before setup: the CLI links it into the model
+    assert (config.num_classes, config.in_chans, config.image_size, config.crop_pct) == (len(classes), 3, 32, 1.0)
+    assert (config.mean, config.std, config.class_names) == (CIFAR_MEAN, CIFAR_STD, tuple(classes))
     dm.setup("fit")
-    assert dm.class_names == classes
+    assert dm.data_config == config
     assert (len(dm.train_set), len(dm.val_set)) == (n_train - 20, 20)
 
     images, labels = next(iter(dm.train_dataloader()))
@@ -131,6 +140,111 @@ def test_cifar_missing_folder_names_it(tmp_path):
     assert "\n" not in str(info.value)
 
 
+class RunsCommand:
+    """Unpickled by `pickle.load`, this runs `touch marker`: what a crafted CIFAR file can hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def _plant(path: Path, marker: Path) -> None:
+    """Replace the CIFAR file at `path` by one of the same layout whose payload runs a command when unpickled."""
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    key = next(k for k in ("label_names", "fine_label_names", "data") if k in entry)
+    entry[key] = RunsCommand(marker)
+    with open(path, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+
+
+def _as_released(monkeypatch, dataset: str, folder: Path) -> None:
+    """Make the files now in `folder` the "released" ones: the md5 sums that verify_checksums compares with."""
+    release = {"cifar10": CIFAR10, "cifar100": CIFAR100}[dataset]
+
+    def md5(name: str) -> str:
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    for attribute in ("train_list", "test_list"):
+        monkeypatch.setattr(release, attribute, [[name, md5(name)] for name, _ in getattr(release, attribute)])
+    monkeypatch.setattr(release, "meta", {**release.meta, "md5": md5(release.meta["filename"])})
+
+
+# per data set: its label-name file, a training file and the test file
+CIFAR_FILES = {"cifar10": ("batches.meta", "data_batch_3", "test_batch"), "cifar100": ("meta", "train", "test")}
+META_FILES = {"batches.meta", "meta"}
+
+
+@pytest.mark.parametrize("dataset, name", [(d, name) for d, names in CIFAR_FILES.items() for name in names])
+def test_a_cifar_file_that_would_run_code_never_runs_it(tmp_path, monkeypatch, dataset, name):
+    folder = write_cifar(tmp_path, dataset, per_class=1)
+    _as_released(monkeypatch, dataset, folder)  # verify_checksums true passes the other files
+    marker = tmp_path / "ran"
+    _plant(folder / name, marker)
+    for verify in (True, False):
+        dm = _cifar(tmp_path, dataset, verify_checksums=verify)
+        for stage in ("fit", "test", "predict"):
+            with contextlib.suppress(DataError):
+                dm.setup(stage)
+        assert not marker.exists(), verify
+    # the test can fail: the same file read by plain pickle runs the command
+    with open(folder / name, "rb") as f:
+        pickle.load(f, encoding="latin1")
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("dataset, name", [
+    pytest.param(d, name, marks=pytest.mark.xfail(
+        name in META_FILES, strict=True,
+        reason="CIFARDataModule reads the label-name file without its md5 and falls back to the released names "
+               "when it is refused, so setup neither fails nor names it"))
+    for d, names in CIFAR_FILES.items() for name in names])
+def test_setup_stops_at_a_cifar_file_that_would_run_code_in_one_line_naming_it(tmp_path, monkeypatch, dataset, name,
+                                                                               verify):
+    folder = write_cifar(tmp_path, dataset, per_class=1)
+    _as_released(monkeypatch, dataset, folder)  # the untouched files pass verify_checksums: the planted one stops it
+    _cifar(tmp_path, dataset, verify_checksums=True).setup("fit")
+    _plant(folder / name, tmp_path / "ran")
+    dm = _cifar(tmp_path, dataset, verify_checksums=verify)
+    with pytest.raises(DataError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert f"{folder / name}: " in message and "\n" not in message
+    assert ("md5 differs" if verify else f"refused {os.system.__module__}.system") in message
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_arrays_only_reader_reads_the_real_format_as_pickle_does(cifar_root, tmp_path, dataset):
+    """The fixture's files are pickled as the released archives are; the released files name numpy's
+    reconstructor by its numpy 1 module, `numpy.core.multiarray`: both spellings read."""
+    folder, respelled = cifar_root / CIFAR[dataset][0], 0
+    for path in sorted(folder.iterdir()):
+        with open(path, "rb") as f:
+            expected = pickle.load(f, encoding="latin1")
+        original = path.read_bytes()
+        numpy1 = original.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        respelled += numpy1 != original
+        for raw in (original, numpy1):
+            (tmp_path / path.name).write_bytes(raw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2's alias of numpy 1's module
+                entry = read_pickle(str(tmp_path / path.name))
+            assert entry.keys() == expected.keys()
+            for key, value in expected.items():
+                if isinstance(value, np.ndarray):
+                    assert entry[key].dtype == value.dtype and np.array_equal(entry[key], value), key
+                else:
+                    assert entry[key] == value, key
+    assert respelled == len(CIFAR[dataset][1]) + 1  # every file of images
+    (tmp_path / "a list").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(DataError, match="a list holds a list, not a CIFAR batch"):
+        read_pickle(str(tmp_path / "a list"))
+
+
 def _digits(seed=0, **kwargs) -> DigitsDataModule:
     dm = DigitsDataModule(seed=seed, batch_size=32, **LOADER, **kwargs)
     dm.setup("fit")
@@ -144,7 +258,8 @@ def _samples(dm) -> Counter:
 
 def test_digits_split_is_a_seeded_partition_of_the_1797_images():
     dm = _digits()
-    assert (dm.num_classes, dm.in_chans, dm.image_size) == (10, 1, 16)
+    assert dm.data_config == DataConfig(16, in_chans=1, mean=(0.5,), std=(0.5,), crop_pct=1.0,
+                                        class_names=tuple("0123456789"))
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (1258, 180, 359)
     labels = torch.cat([dm.train_set.targets, dm.val_set.targets, dm.test_set.targets])
     assert torch.bincount(labels).tolist() == np.bincount(load_digits().target).tolist()

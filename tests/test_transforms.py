@@ -14,17 +14,18 @@ from convmixer_pl.data import (
     CIFAR_STD,
     Augmentation,
     CIFARDataModule,
+    DataConfig,
     DataError,
     ImageFolderDataModule,
-    eval_transform,
 )
 from convmixer_pl.module import ConvMixerClassifier
+from convmixer_pl.preprocessing import Normalize
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def train_transform(image_size: int, mean, std, **augment) -> v2.Compose:
-    return Augmentation(**augment).train_transform(image_size, mean, std)
+    return Augmentation(**augment).train_transform(DataConfig(image_size, mean=mean, std=std))
 
 
 def batch_mixer(num_classes: int, **augment):
@@ -40,8 +41,8 @@ def test_cifar_defaults_are_the_cifar10_script(cifar_root):
     dm.setup("fit")
     pipeline = dm.train_set.transform
     assert [type(t) for t in pipeline.transforms] == [
-        v2.ToImage, v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandAugment, v2.ColorJitter, v2.ToDtype,
-        v2.Normalize, v2.RandomErasing]
+        v2.ToImage, v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandAugment, v2.ColorJitter, Normalize,
+        v2.RandomErasing]
     s = steps(pipeline)
     crop = s[v2.RandomResizedCrop]
     assert tuple(crop.size) == (32, 32) and crop.scale == (0.75, 1.0) and crop.ratio == (1.0, 1.0)
@@ -51,7 +52,7 @@ def test_cifar_defaults_are_the_cifar10_script(cifar_root):
     assert ra.interpolation == v2.InterpolationMode.NEAREST
     assert s[v2.ColorJitter].brightness == (0.9, 1.1) and s[v2.ColorJitter].saturation == (0.9, 1.1)
     assert s[v2.ColorJitter].hue is None
-    assert list(s[v2.Normalize].mean) == list(CIFAR_MEAN) and list(s[v2.Normalize].std) == list(CIFAR_STD)
+    assert s[Normalize].mean == CIFAR_MEAN and s[Normalize].std == CIFAR_STD  # to float in [0, 1], normalised
     assert s[v2.RandomErasing].p == 0.25 and s[v2.RandomErasing].value == [0.0]
     assert dm.mixer is None
     # evaluation: the 32 px images as they are (the resize to image_size 32 leaves them untouched), normalised
@@ -81,7 +82,7 @@ def test_configured_parameters_reach_the_pipeline(cifar_root):
 
 def test_steps_switched_off_are_absent():
     pipeline = train_transform(32, CIFAR_MEAN, CIFAR_STD, hflip=0.0)
-    assert [type(t) for t in pipeline.transforms] == [v2.ToImage, v2.RandomResizedCrop, v2.ToDtype, v2.Normalize]
+    assert [type(t) for t in pipeline.transforms] == [v2.ToImage, v2.RandomResizedCrop, Normalize]
     assert batch_mixer(10) is None
 
 
@@ -125,7 +126,8 @@ def test_image_folder_eval_resizes_by_crop_pct_then_center_crops(image_folder):
     dm = ImageFolderDataModule(root=str(image_folder), image_size=24, crop_pct=0.96, interpolation="bicubic",
                                num_workers=0)
     dm.setup("validate")
-    resize, crop = dm.val_set.transform.transforms[1:3]
+    assert dm.data_config.crop_pct == 0.96 and dm.data_config.interpolation == "bicubic"
+    resize, crop = dm.val_set.transform.transforms[0].steps.transforms
     assert isinstance(resize, v2.Resize) and list(resize.size) == [25]
     assert resize.interpolation == v2.InterpolationMode.BICUBIC
     assert isinstance(crop, v2.CenterCrop) and tuple(crop.size) == (24, 24)
@@ -134,9 +136,8 @@ def test_image_folder_eval_resizes_by_crop_pct_then_center_crops(image_folder):
     expected = v2.functional.center_crop(
         v2.functional.resize(v2.functional.to_image(pil), [25], v2.InterpolationMode.BICUBIC, antialias=True), [24])
     expected = v2.functional.normalize(v2.functional.to_dtype(expected, torch.float32, scale=True),
-                                       list(dm.mean), list(dm.std))
+                                       list(dm.data_config.mean), list(dm.data_config.std))
     assert torch.equal(image, expected)
-    assert eval_transform(224, dm.mean, dm.std, 0.875).transforms[1].size[0] == 256
 
 
 def test_mixup_and_cutmix_both_happen_with_their_switch():
@@ -216,8 +217,8 @@ def test_crop_size_sets_the_training_size_of_both_pipelines_and_evaluation_keeps
 
     augment = Augmentation(crop_size=28, scale=(0.75, 1.0), ratio=(1.0, 1.0))
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    assert augment.train_transform(32, CIFAR_MEAN, CIFAR_STD)(image).shape == (3, 28, 28)
-    batched = BatchAugment.from_augmentation(augment, 32, CIFAR_MEAN, CIFAR_STD)
+    assert augment.train_transform(DataConfig(32, mean=CIFAR_MEAN, std=CIFAR_STD))(image).shape == (3, 28, 28)
+    batched = BatchAugment.from_augmentation(augment, DataConfig(32, mean=CIFAR_MEAN, std=CIFAR_STD))
     assert batched(image[None].repeat(4, 1, 1, 1), torch.Generator().manual_seed(0)).shape == (4, 3, 28, 28)
     dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_fraction=0.1, batch_size=8, num_workers=0,
                          augment=augment)

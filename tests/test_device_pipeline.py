@@ -1,6 +1,6 @@
-"""The device-resident CIFAR pipeline, run with the device being the CPU: same outputs and statistics as the
-per-image torchvision pipeline it replaces. RandAugment and ColorJitter: every op, per image, equals torchvision's
-uint8 kernel exactly, and the draws follow torchvision's laws."""
+"""The device-resident pipeline (`data.device_pipeline`), run with the device being the CPU: same outputs and
+statistics as the per-image torchvision pipeline it replaces. RandAugment and ColorJitter: every op, per image,
+equals torchvision's uint8 kernel exactly, and the draws follow torchvision's laws."""
 
 from __future__ import annotations
 
@@ -10,26 +10,36 @@ import math
 import lightning as L
 import pytest
 import torch
+from conftest import folder_args, run_main
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from convmixer_pl.callbacks import PredictionWriter
-from convmixer_pl.data import CIFAR_MEAN, CIFAR_STD, Augmentation, CIFARDataModule, DataError
+from convmixer_pl.data import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    Augmentation,
+    CIFARDataModule,
+    DataConfig,
+    DataError,
+    ImageFolderDataModule,
+)
 from convmixer_pl.data.augment import CIFAR_SCRIPT
 from convmixer_pl.data.batched_ops import OPS, SIGNED, BatchColorJitter, BatchRandAugment
 from convmixer_pl.data.device import (
     BatchAugment,
-    BatchEval,
     DeviceLoader,
-    Normalize,
     erase,
     resized_crop,
     sample_crops,
     sample_erasing,
 )
 from convmixer_pl.module import ConvMixerClassifier
+from convmixer_pl.preprocessing import Normalize
+from convmixer_pl.resume import derive_seed
 
 N = 20000  # draws per statistic: standard errors well below the tolerances used
+CIFAR_CONFIG = DataConfig(32, mean=CIFAR_MEAN, std=CIFAR_STD, crop_pct=1.0)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -135,22 +145,23 @@ def test_batch_augment_shape_dtype_normalization_and_flips():
 def test_device_loader_epochs_and_shards():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 4, 4).contiguous()
     targets = torch.arange(10)
-    loader = DeviceLoader(images, targets, 4, "cpu", BatchEval(4, (0.0,) * 3, (1 / 255,) * 3))  # pixel value = index
+    to_float = Normalize((0.0,) * 3, (1.0,) * 3)  # pixel value = index / 255
+    loader = DeviceLoader(images, targets, 4, "cpu", to_float)
     assert len(loader) == 3
     batches = list(loader)
     assert [len(t) for _, t in batches] == [4, 4, 2]
     assert torch.equal(torch.cat([t for _, t in batches]), targets)
-    assert torch.equal(batches[0][0][:, 0, 0, 0], torch.arange(4.0))  # images travel with their targets
-    train = DeviceLoader(images, targets, 4, "cpu", BatchEval(4, (0.0,) * 3, (1.0,) * 3), shuffle=True, drop_last=True,
-                         seed=3)
+    expected = v2.ToDtype(torch.float32, scale=True)(torch.arange(4, dtype=torch.uint8))
+    assert torch.equal(batches[0][0][:, 0, 0, 0], expected)  # images travel with their targets
+    train = DeviceLoader(images, targets, 4, "cpu", to_float, shuffle=True, drop_last=True, seed=3)
     assert len(train) == 2
     first = torch.cat([t for _, t in train])
     again = torch.cat([t for _, t in train])
     train.sampler.set_epoch(1)
     other = torch.cat([t for _, t in train])
     assert torch.equal(first, again) and not torch.equal(first, other) and len(set(first.tolist())) == 8
-    shards = [torch.cat([t for _, t in DeviceLoader(images, targets, 5, "cpu", BatchEval(4, (0.0,) * 3, (1.0,) * 3),
-                                                    shuffle=True, num_replicas=2, rank=r)]) for r in (0, 1)]
+    shards = [torch.cat([t for _, t in DeviceLoader(images, targets, 5, "cpu", to_float, shuffle=True,
+                                                    num_replicas=2, rank=r)]) for r in (0, 1)]
     assert sorted(torch.cat(shards).tolist()) == list(range(10))
 
 
@@ -173,10 +184,10 @@ def test_device_loader_resumes_mid_epoch_with_the_same_batches():
     assert len(list(resumed)) == 5  # the skip applies to the resumed epoch only
 
 
-def test_cifar_gpu_pipeline_matches_the_cpu_pipeline(cifar_root):
+def test_cifar_device_pipeline_matches_the_cpu_pipeline(cifar_root):
     kwargs = dict(root=str(cifar_root), verify_checksums=False, val_fraction=0.2, batch_size=16, num_workers=0,
                   augment=Augmentation(scale=(0.75, 1.0), ratio=(1.0, 1.0)))
-    device_dm = CIFARDataModule(**kwargs, gpu_pipeline=True)
+    device_dm = CIFARDataModule(**kwargs, device_pipeline=True)
     cpu_dm = CIFARDataModule(**kwargs)
     device_dm.setup("fit")
     cpu_dm.setup("fit")
@@ -188,22 +199,70 @@ def test_cifar_gpu_pipeline_matches_the_cpu_pipeline(cifar_root):
     # evaluation has no randomness: the same tensors as the per-image path
     val_images, val_targets = next(iter(device_dm.val_dataloader()))
     cpu_images, cpu_targets = next(iter(cpu_dm.val_dataloader()))
-    torch.testing.assert_close(val_images, cpu_images, atol=1e-5, rtol=0)
+    assert torch.equal(val_images, cpu_images)
     assert torch.equal(val_targets, cpu_targets)
 
 
-def test_cifar_gpu_pipeline_takes_the_scripts_augmentation_and_bicubic_randaugment_is_refused(cifar_root):
-    CIFARDataModule(root=str(cifar_root), gpu_pipeline=True)  # the script's RandAugment and ColorJitter: accepted
+def test_cifar_device_pipeline_takes_the_scripts_augmentation_and_bicubic_randaugment_is_refused(cifar_root):
+    CIFARDataModule(root=str(cifar_root), device_pipeline=True)  # the script's RandAugment and ColorJitter: accepted
     # torchvision's tensor RandAugment cannot resample bicubic (it fails at its first geometric op, mid-training):
     # refused when the options are read, for both pipelines
     with pytest.raises(DataError, match="data.augment.ra_interpolation 'bicubic'.*nearest or bilinear"):
         Augmentation(ra_num_ops=1, ra_interpolation="bicubic")
 
 
-def test_fit_with_the_gpu_pipeline(cifar_root):
+@pytest.mark.parametrize("interpolation", ["bicubic", "random"])
+def test_a_crop_interpolation_other_than_bilinear_is_refused_in_one_line(cifar_root, image_folder, interpolation):
+    augment = Augmentation(interpolation=interpolation)
+    for make in (lambda **kw: CIFARDataModule(root=str(cifar_root), verify_checksums=False, **kw),
+                 lambda **kw: ImageFolderDataModule(root=str(image_folder), image_size=16, **kw)):
+        make(augment=augment, num_workers=0)  # the per-image pipeline crops with any of them
+        with pytest.raises(DataError) as info:  # refused when built, not at the first batch
+            make(augment=augment, device_pipeline=True, num_workers=0)
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith(f"data.augment.interpolation {interpolation!r}: data.device_pipeline crops with "
+                                  "bilinear sampling only; set data.augment.interpolation: bilinear, or "
+                                  "data.device_pipeline: false")
+    with pytest.raises(DataError, match="data.augment.interpolation"):
+        BatchAugment.from_augmentation(augment, CIFAR_CONFIG)
+
+
+def test_the_command_refuses_bicubic_crops_on_the_device_pipeline_in_one_line(image_folder, tmp_path, capsys):
+    code, err = run_main(capsys, "fit", *folder_args(image_folder, "--data.device_pipeline", "true",
+                                                     "--data.augment.interpolation", "bicubic",
+                                                     "--checkpoint.dirpath", tmp_path / "run"))
+    assert code == 2 and err.splitlines() == [
+        "convmixer: error: data.augment.interpolation 'bicubic': data.device_pipeline crops with bilinear sampling "
+        "only; set data.augment.interpolation: bilinear, or data.device_pipeline: false for the per-image pipeline"]
+    assert not any((tmp_path / "run").rglob("*"))  # stopped before training: no checkpoint, no log
+
+
+def test_each_training_batch_is_augmented_from_its_own_seed():
+    """Batch b of epoch e on rank r is drawn from a generator seeded by derive_seed(seed, e, r, b): rebuilt here from
+    the images alone, it is the loader's batch (so a resumed epoch, which starts at batch b, draws the same)."""
+    images = torch.randint(0, 256, (24, 3, 8, 8), dtype=torch.uint8, generator=_gen(4))
+    augment = BatchAugment(8, CIFAR_MEAN, CIFAR_STD, scale=(0.3, 1.0), erase_prob=0.5)
+    for rank in (0, 1):
+        loader = DeviceLoader(images, torch.arange(24), 4, "cpu", augment, shuffle=True, drop_last=True, seed=5,
+                              num_replicas=2, rank=rank)
+        loader.sampler.set_epoch(3)
+        order = list(loader.sampler)
+        batches = list(loader)
+        assert len(batches) == 3
+        for b, (x, y) in enumerate(batches):
+            index = torch.tensor(order[4 * b:4 * b + 4])
+            assert torch.equal(y, index)
+            generator = torch.Generator().manual_seed(derive_seed(5, 3, rank, b))
+            assert torch.equal(x, augment(images[index], generator))
+        other_epoch = _gen(derive_seed(5, 2, rank, 0))
+        assert not torch.equal(batches[0][0], augment(images[torch.tensor(order[:4])], other_epoch))
+
+
+def test_fit_with_the_device_pipeline(cifar_root):
     dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_fraction=0.2, batch_size=16,
-                         num_workers=0, augment=Augmentation(scale=(0.75, 1.0), re_prob=0.5), gpu_pipeline=True)
-    model = ConvMixerClassifier(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10, image_size=32)
+                         num_workers=0, augment=Augmentation(scale=(0.75, 1.0), re_prob=0.5), device_pipeline=True)
+    model = ConvMixerClassifier(dim=8, depth=1, kernel_size=3, patch_size=4, data_config=dm.data_config)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
@@ -213,11 +272,11 @@ def test_fit_with_the_gpu_pipeline(cifar_root):
     assert "val/acc1" in trainer.callback_metrics
 
 
-def test_fit_with_the_gpu_pipeline_and_the_scripts_randaugment_and_jitter(cifar_root):
+def test_fit_with_the_device_pipeline_and_the_scripts_randaugment_and_jitter(cifar_root):
     dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_fraction=0.2, batch_size=16,
-                         num_workers=0, gpu_pipeline=True)  # the default augmentation: CIFAR_SCRIPT
+                         num_workers=0, device_pipeline=True)  # the default augmentation: CIFAR_SCRIPT
     assert dm.augment == CIFAR_SCRIPT and CIFAR_SCRIPT.ra_num_ops == 1 and CIFAR_SCRIPT.color_jitter == 0.1
-    model = ConvMixerClassifier(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10, image_size=32)
+    model = ConvMixerClassifier(dim=8, depth=1, kernel_size=3, patch_size=4, data_config=dm.data_config)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
@@ -231,20 +290,22 @@ def test_fit_with_the_gpu_pipeline_and_the_scripts_randaugment_and_jitter(cifar_
 def test_cifar_evaluates_at_image_size_on_both_pipelines(cifar_root):
     kwargs = dict(root=str(cifar_root), verify_checksums=False, val_fraction=0.2, batch_size=16, num_workers=0,
                   augment=Augmentation(), image_size=48)
-    device_dm, cpu_dm = CIFARDataModule(**kwargs, gpu_pipeline=True), CIFARDataModule(**kwargs)
+    device_dm, cpu_dm = CIFARDataModule(**kwargs, device_pipeline=True), CIFARDataModule(**kwargs)
     device_dm.setup("fit")
     cpu_dm.setup("fit")
-    cpu_images, _ = next(iter(cpu_dm.val_dataloader()))
-    device_images, _ = next(iter(device_dm.val_dataloader()))
-    assert cpu_images.shape == device_images.shape == (16, 3, 48, 48)  # what training crops to, not CIFAR's 32
-    torch.testing.assert_close(device_images, cpu_images, atol=0.05, rtol=0)  # same bilinear upscale
+    for split in ("val_dataloader", "test_dataloader"):
+        cpu_images, _ = next(iter(getattr(cpu_dm, split)()))
+        device_images, _ = next(iter(getattr(device_dm, split)()))
+        assert cpu_images.shape == device_images.shape == (16, 3, 48, 48)  # what training crops to, not CIFAR's 32
+        # both normalise the same uint8 images, upscaled once at set-up by the data config's image transform
+        assert torch.equal(device_images, cpu_images)
 
 
-def test_predict_with_the_gpu_pipeline_writes_every_test_image(cifar_root, tmp_path):
+def test_predict_with_the_device_pipeline_writes_every_test_image(cifar_root, tmp_path):
     dm = CIFARDataModule(root=str(cifar_root), verify_checksums=False, val_fraction=0.2, batch_size=16,
-                         num_workers=0, augment=Augmentation(), gpu_pipeline=True)
-    model = ConvMixerClassifier(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10, image_size=32,
-                                class_names=dm.class_names)  # metadata flows data -> model (the CLI links it)
+                         num_workers=0, augment=Augmentation(), device_pipeline=True)
+    model = ConvMixerClassifier(dim=8, depth=1, kernel_size=3, patch_size=4,
+                                data_config=dm.data_config)  # metadata flows data -> model (the CLI links it)
     writer = PredictionWriter(output=str(tmp_path / "predictions.csv"), top_k=2)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[writer])
@@ -252,18 +313,8 @@ def test_predict_with_the_gpu_pipeline_writes_every_test_image(cifar_root, tmp_p
     with open(tmp_path / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(row["index"]) for row in rows] == list(range(len(dm.test_set)))
-    assert [row["target"] for row in rows] == [dm.class_names[int(t)] for t in dm.test_set.targets]
-
-
-def test_normalize_matches_torchvision_and_builds_its_statistics_once():
-    normalize = Normalize(CIFAR_MEAN, CIFAR_STD)
-    images = torch.rand(4, 3, 8, 8)
-    torch.testing.assert_close(normalize(images), v2.Normalize(CIFAR_MEAN, CIFAR_STD)(images))
-    made = dict(normalize._tensors)
-    normalize(torch.rand(2, 3, 8, 8))
-    assert normalize._tensors.keys() == made.keys() == {(images.device, torch.float32)}
-    assert all(a is b for a, b in zip(normalize._tensors[images.device, torch.float32],
-                                      made[images.device, torch.float32], strict=True))  # no new copy per batch
+    class_names = dm.data_config.class_names
+    assert [row["target"] for row in rows] == [class_names[int(t)] for t in dm.test_set.targets]
 
 
 # --- RandAugment and ColorJitter, batched: torchvision's uint8 kernels value for value, and its laws of draws ---
@@ -439,7 +490,7 @@ def test_batch_augment_equals_torchvisions_pipeline_given_the_same_draws(monkeyp
 
 def test_batch_augment_with_randaugment_and_jitter_is_reproducible():
     images = _ranged_images(64)
-    augment = BatchAugment.from_augmentation(CIFAR_SCRIPT, 32, CIFAR_MEAN, CIFAR_STD)
+    augment = BatchAugment.from_augmentation(CIFAR_SCRIPT, CIFAR_CONFIG)
     assert augment.randaugment is not None and augment.color_jitter is not None and augment.erase_prob == 0.25
     out = augment(images, _gen(7))
     assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32 and out.device == images.device
@@ -450,8 +501,8 @@ def test_batch_augment_with_randaugment_and_jitter_is_reproducible():
     on_grid = ((values - values.round()).abs() < 1e-3).flatten(1).all(1)
     assert on_grid.double().mean() > 0.5 and (values > -1e-3).all() and (values < 255 + 1e-3).all()
     plain = BatchAugment.from_augmentation(Augmentation(scale=(0.75, 1.0), ratio=(1.0, 1.0), ra_num_ops=2,
-                                                        ra_magnitude=12, ra_interpolation="bilinear"), 32,
-                                           CIFAR_MEAN, CIFAR_STD)
+                                                        ra_magnitude=12, ra_interpolation="bilinear"),
+                                           CIFAR_CONFIG)
     assert plain.color_jitter is None and plain.randaugment.interpolation == "bilinear"
 
 

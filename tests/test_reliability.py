@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS
+from conftest import CONFIGS, convmixer_command
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -33,9 +33,10 @@ from convmixer_pl.callbacks.guards import NonFiniteLoss, StopGuard
 from convmixer_pl.checkpoints import TMP_SUFFIX, AtomicCheckpointIO, read_checkpoint
 from convmixer_pl.cli import ConvMixerCLI, main
 from convmixer_pl.data import ImageFolderDataModule
-from convmixer_pl.data.base import EpochSampler, SeededAugmentation, TensorImageDataset
+from convmixer_pl.data.base import TensorImageDataset
 from convmixer_pl.files import TMP_SUFFIX as OUTPUT_TMP_SUFFIX
 from convmixer_pl.files import OutputError, atomic_write
+from convmixer_pl.resume import EpochSampler, SeededItems
 
 STEPS_PER_EPOCH, EPOCHS = 10, 3  # 120 training images, batches of 12
 
@@ -182,6 +183,34 @@ def test_kill_9_leaves_a_loadable_last_ckpt_and_resuming_loses_nothing(data, ref
     resumed = resume(data, run / "last.ckpt", run, "--checkpoint.last_every_n_steps", str(every))
     assert_same_weights(weights(resumed), reference["weights"])
     assert not list(run.glob(f"*{TMP_SUFFIX}"))  # a half-written temporary of the killed run is cleaned up
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_group_with_loader_workers_saves_and_resumes_exactly(data, reference, tmp_path,
+                                                                                      signum):
+    """As `timeout`, SLURM, systemd and Ctrl+C send it: to every process of the group, the loader workers too."""
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    env = {**{k: v for k, v in os.environ.items() if k != "CONVMIXER_DEBUG"}, "COLUMNS": "200"}
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([convmixer_command(), *fit_args(data, run, "--checkpoint.last_every_n_steps", "2",
+                                                                   workers=2)],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, env=env, start_new_session=True)
+    try:
+        wait_for(run / "last.ckpt", process)  # training has begun: the two workers are running
+        assert process.poll() is None, "the run finished before it could be signalled"
+        os.killpg(process.pid, signum)
+        code = process.wait(120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    stderr = log.read_text()
+    assert code == 128 + signum, stderr[-3000:]
+    stopped = re.search(rf"convmixer: stopped by {signal.Signals(signum).name} after step (\d+); saved (\S+)\.", stderr)
+    assert stopped and "Traceback" not in stderr, stderr[-3000:]
+    saved = read_checkpoint(run / "last.ckpt")
+    assert saved["global_step"] == int(stopped[1]) < STEPS_PER_EPOCH * EPOCHS
+    resumed = resume(data, run / "last.ckpt", run, workers=2)
+    assert_same_weights(weights(resumed), reference["weights"])
 
 
 def signal_when_training(signum: int, checkpoint: Path) -> threading.Thread:
@@ -355,7 +384,7 @@ def test_sampler_order_depends_on_seed_and_epoch_and_can_skip_part_of_an_epoch()
 def test_augmentation_depends_on_seed_epoch_and_image_only():
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     noisy = TensorImageDataset(images, torch.zeros(6), transform=lambda image: image.float() + torch.randn(3, 8, 8))
-    seeded = SeededAugmentation(noisy, seed=5)
+    seeded = SeededItems(noisy, seed=5)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     a = seeded[(2, 4)][0]
@@ -363,7 +392,7 @@ def test_augmentation_depends_on_seed_epoch_and_image_only():
     torch.rand(7)  # whatever else draws in between, in this process or in a worker
     assert torch.equal(seeded[(2, 4)][0], a)
     assert not torch.equal(seeded[(3, 4)][0], a) and not torch.equal(seeded[(2, 5)][0] - images[5], a - images[4])
-    assert not torch.equal(SeededAugmentation(noisy, seed=6)[(2, 4)][0], a)
+    assert not torch.equal(SeededItems(noisy, seed=6)[(2, 4)][0], a)
 
 
 def test_data_module_position_round_trips_and_applies_only_to_its_epoch(data):

@@ -44,7 +44,7 @@ def best_or_last(dirpath: Path) -> Path | None:
         return None
     state = read_checkpoint(last)  # a damaged file: one line naming it, not a traceback
     for key, value in state.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
+        if key.startswith(("RunCheckpoint", "ModelCheckpoint")) and value.get("best_model_path"):
             best = dirpath / Path(value["best_model_path"]).name  # this folder's, wherever the run was written
             if best.is_file():
                 return best
@@ -269,11 +269,27 @@ class RunCheckpoint(ModelCheckpoint):
         self.last_every_n_steps = last_every_n_steps
         self._saved_step: int | None = None  # the step of this callback's latest step save
 
-    @property
-    def state_key(self) -> str:  # checkpoints keep a plain ModelCheckpoint's key (best_or_last reads it)
-        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+    def state_dict(self) -> dict[str, Any]:
+        # the log folder's version too: a resumed run goes on writing the same curves
+        logger = self._trainer.logger if getattr(self, "_trainer", None) is not None else None
+        return {**super().state_dict(), "log_version": getattr(logger, "version", None)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A run folder that was moved or copied resumes into its own files: the saved paths are taken as names in
+        this folder (Lightning would otherwise drop them and write last-v1.ckpt beside a stale last.ckpt)."""
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and os.path.realpath(saved) != os.path.realpath(self.dirpath):
+            def here(path):
+                return os.path.join(self.dirpath, os.path.basename(path)) if path else path
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          **{key: here(state_dict.get(key)) for key in ("best_model_path", "kth_best_model_path",
+                                                                         "last_model_path")},
+                          "best_k_models": {here(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
+        super().load_state_dict(state_dict)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
         with warnings.catch_warnings():
             if self.dirpath and not any(Path(self.dirpath).glob("*.ckpt")):
                 # the folder holds the run's logs but no checkpoint to overwrite: Lightning's warning is noise

@@ -10,6 +10,7 @@ parameters (`TOOLS`), so `--config` works for tools as for `fit`.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import inspect
 import logging
@@ -26,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .callbacks import PerClassReport, PlotWriter, PredictionWriter, StopGuard, ThroughputCallback
 from .callbacks.guards import TrainingStopped
@@ -69,12 +71,61 @@ class CLIError(ValueError):
     """A bad command line or config value; the message says which and how to fix it."""
 
 
-def default_loggers(root: str) -> list:
-    """TensorBoard and CSV logs in one folder per run: <root>/lightning_logs/version_N/."""
-    tensorboard = TensorBoardLogger(root)
+class NothingToDo(Exception):
+    """The command has nothing left to do (a finished run asked to resume): said, and exit code 0."""
+
+
+def default_loggers(root: str, version: int | None = None) -> list:
+    """TensorBoard and CSV logs in one folder per run: <root>/lightning_logs/version_N/; a resumed run's `version`
+    goes on in its own folder, its metrics.csv kept (CSVLogger would start it again)."""
+    tensorboard = TensorBoardLogger(root, version=version)
     csv = CSVLogger(root, version=tensorboard.version)
-    csv.experiment  # noqa: B018 -- opens the folder while empty: later, CSVLogger warns about files in it
+    metrics = Path(csv.log_dir) / "metrics.csv"
+    earlier = metrics.read_text() if version is not None and metrics.is_file() else ""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Experiment logs directory .* exists and is not empty")
+        writer = csv.experiment  # opens the folder (and deletes metrics.csv there)
+    if earlier:
+        metrics.write_text(earlier)
+        writer.metrics_keys = earlier.splitlines()[0].split(",")  # its header: the new rows are appended
     return [tensorboard, csv]
+
+
+_held_locks: list = []  # the run folders this process writes, locked for as long as it runs
+
+
+def lock_run_folder(folder: Path) -> None:
+    """Refuse a second `convmixer fit` writing into the same run folder while this one runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".convmixer.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise CheckpointError(f"{folder}/ is being written by another `convmixer fit` ({owner}); wait for it to "
+                              "end, or use another --name") from err
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _held_locks.append(handle)
+
+
+def check_unfinished(path: str, checkpoint: dict, trainer) -> None:
+    """Resuming a run that already trained to the end: nothing to do (NothingToDo, exit 0)."""
+    loops = checkpoint.get("loops") or {}
+    epochs = (((loops.get("fit_loop") or {}).get("epoch_progress") or {}).get("current") or {}).get("processed")
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps") or -1
+    if max_epochs is None and max_steps == -1:
+        max_epochs = 1000  # Lightning's default
+    if isinstance(epochs, int) and max_epochs not in (None, -1) and epochs >= max_epochs:
+        raise NothingToDo(f"{path} has trained {epochs} epoch(s), trainer.max_epochs is {max_epochs}: nothing left "
+                          "to train (raise --trainer.max_epochs to train on)")
+    if max_steps > 0 and checkpoint.get("global_step", 0) >= max_steps:
+        raise NothingToDo(f"{path} has trained {checkpoint['global_step']} step(s), trainer.max_steps is "
+                          f"{max_steps}: nothing left to train (raise --trainer.max_steps to train on)")
 
 
 class ConvMixerParser(LightningArgumentParser):
@@ -84,7 +135,8 @@ class ConvMixerParser(LightningArgumentParser):
         if not self.exit_on_error or debugging():
             return super().error(message, ex)
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
-        fail(f"{' '.join(message.split())} (`{prog} --help` lists the options)")
+        tool = prog if prog.split()[-1] in TOOLS else "convmixer"  # a tool's errors name it, as its own do
+        fail(f"{' '.join(message.split())} (`{prog} --help` lists the options)", tool)
 
 
 class ConvMixerCLI(LightningCLI):
@@ -129,6 +181,9 @@ class ConvMixerCLI(LightningCLI):
         parser.add_argument("--name", type=str, default="default",
                             help="Run name: checkpoints and logs go to checkpoints/<name>/ unless "
                                  "checkpoint.dirpath says otherwise")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: start over in a run folder that already holds a run, deleting its "
+                                 "checkpoints (its logs stay)")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(StopGuard, "reliability")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -167,12 +222,31 @@ class ConvMixerCLI(LightningCLI):
             # no checkpoint of this run: evaluate the released weights that model.pretrained names
             say(f"{subcommand} uses the weights of model.pretrained {config.model.pretrained}")
         self._check_checkpoint_and_folders(subcommand, config)
+        if subcommand == "fit" and rank_zero_only.rank == 0:  # the job's first process speaks for the folder
+            self._claim_run_folder(config)
         self._fall_back_to_cpu(config.trainer)
+
+    @staticmethod
+    def _claim_run_folder(config) -> None:
+        """One run per folder: a new fit where a run is stops (or, with --overwrite, deletes its checkpoints); a
+        resumed run that already reached trainer.max_epochs/max_steps has nothing left to do."""
+        folder = Path(config.checkpoint.dirpath)
+        lock_run_folder(folder)
+        existing = sorted(folder.glob("*.ckpt"))
+        if config.ckpt_path is None and existing and not config.overwrite:
+            raise CheckpointError(f"{folder}/ already holds a run ({', '.join(p.name for p in existing[:3])}): "
+                                  "resume it with --ckpt_path last, start another with --name NEW_NAME, or start "
+                                  "over with --overwrite true (deletes its checkpoints)")
+        if config.ckpt_path is None and existing:
+            for path in existing:
+                path.unlink()
+            say(f"--overwrite: deleted the {len(existing)} checkpoint(s) of the earlier run in {folder}/")
 
     def _run_tool(self, name: str) -> None:
         function = tool_function(name)
         options = self.parser.instantiate_classes(self.config)[name]
-        wrote = function(**{key: options[key] for key in inspect.signature(function).parameters if key in options})
+        kwargs = {key: options[key] for key in inspect.signature(function).parameters if key in options}
+        wrote = run_entry_point(lambda: function(**kwargs), prog=f"convmixer {name}")
         if wrote is not None:
             print(f"convmixer {name}: wrote {wrote}", file=sys.stderr, flush=True)
         raise ToolFinished
@@ -184,7 +258,10 @@ class ConvMixerCLI(LightningCLI):
         if self._checkpoint is None:
             return
         hparams = dict(self._checkpoint[1].get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
+        # the classes, channels and size come with its data config, or the data module's: check_compatible then
+        # names a mismatch with the checkpoint
+        for key in ("_instantiator", "num_classes", "in_chans", "image_size"):
+            hparams.pop(key, None)
         if hparams:
             subcommand = self.config.subcommand
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
@@ -196,6 +273,7 @@ class ConvMixerCLI(LightningCLI):
             checkpoint = known[1] if known and known[0] == config.ckpt_path else read_checkpoint(config.ckpt_path)
             if subcommand == "fit":
                 check_resumable(config.ckpt_path, checkpoint)
+                check_unfinished(config.ckpt_path, checkpoint, config.trainer)
             self._checkpoint = (config.ckpt_path, checkpoint)
             accepted = (set(inspect.signature(ConvMixerClassifier).parameters)
                         | set(inspect.signature(ConvMixer).parameters))
@@ -227,7 +305,8 @@ class ConvMixerCLI(LightningCLI):
         trainer = self._get(self.config_init, "trainer", default={})
         callbacks = list(trainer.get("callbacks") or [])
         if trainer.get("logger") in (None, True):
-            kwargs.setdefault("logger", default_loggers(trainer.get("default_root_dir") or os.getcwd()))
+            kwargs.setdefault("logger", default_loggers(trainer.get("default_root_dir") or os.getcwd(),
+                                                        self._resumed_log_version()))
         if trainer.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor())
         if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary)
@@ -240,6 +319,14 @@ class ConvMixerCLI(LightningCLI):
         if not trainer.get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         return super().instantiate_trainer(**kwargs)
+
+    def _resumed_log_version(self) -> int | None:
+        """The log version of the run `fit --ckpt_path` resumes, if it was written in this folder."""
+        if self.subcommand != "fit" or self._checkpoint is None:
+            return None
+        states = self._checkpoint[1].get("callbacks") or {}
+        return next((state.get("log_version") for key, state in states.items() if key.startswith("RunCheckpoint")
+                     and isinstance(state.get("log_version"), int)), None)
 
     @staticmethod
     def _fall_back_to_cpu(trainer) -> None:
@@ -273,6 +360,8 @@ def _run_cli(args) -> None:
         ConvMixerCLI(args=args)
     except ToolFinished:
         return
+    except NothingToDo as done:
+        say(str(done))
     except TrainingStopped as err:  # a signal or a non-finite loss: the message says what was saved
         if debugging():
             raise

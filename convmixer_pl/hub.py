@@ -74,21 +74,21 @@ def push(folder: Path, repo_id: str) -> str:
         from huggingface_hub import HfApi
         from huggingface_hub.utils import HfHubHTTPError
     except ImportError as err:
-        raise HubError(f"--push-to-hub needs huggingface_hub (pip install huggingface_hub); {not_uploaded}") from err
+        raise HubError(f"--push_to_hub needs huggingface_hub (pip install huggingface_hub); {not_uploaded}") from err
     try:
         api = HfApi()
         repo = api.create_repo(repo_id, exist_ok=True)
         commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder),
                                    commit_message="Add ConvMixer (convmixer export --format hf)")
     except HfHubHTTPError as err:  # before the network check: some versions' HTTP errors are OSErrors too
-        raise HubError(f"--push-to-hub {repo_id}: the hub refused ({_first_line(err)}; log in with `hf auth "
+        raise HubError(f"--push_to_hub {repo_id}: the hub refused ({_first_line(err)}; log in with `hf auth "
                        f"login`, or check the repo id); {not_uploaded}") from err
     except ValueError as err:  # a malformed repo id, found before any request
-        raise HubError(f"--push-to-hub {repo_id}: {_first_line(err)}; {not_uploaded}") from err
+        raise HubError(f"--push_to_hub {repo_id}: {_first_line(err)}; {not_uploaded}") from err
     except Exception as err:
         if not _network_failure(err):
             raise
-        raise HubError(f"--push-to-hub {repo_id}: the Hugging Face hub cannot be reached (no network: "
+        raise HubError(f"--push_to_hub {repo_id}: the Hugging Face hub cannot be reached (no network: "
                        f"{type(err).__name__}: {_first_line(err)}), so {not_uploaded}") from err
     return str(getattr(commit, "commit_url", commit))
 

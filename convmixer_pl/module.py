@@ -4,6 +4,7 @@ the evaluation preprocessing and class names with its weights."""
 from __future__ import annotations
 
 import inspect
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -14,6 +15,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from .console import say
 from .model import VARIANTS, Activation, ConvMixer
 from .preprocessing import DataConfig
 from .resume import load_metric_states, save_metric_states
@@ -24,6 +26,13 @@ def one_cycle(step: int, total_steps: int) -> float:
     """The paper's triangle as a factor of the peak lr: interp(t, [0, 2T/5, 4T/5, T], [0, 1, 1/20, 0])."""
     t = total_steps
     return float(np.interp(step, [0, 2 * t / 5, 4 * t / 5, t], [0.0, 1.0, 1 / 20, 0.0]))
+
+
+def lr_factor(scheduler: str, step: int, total: int) -> float:
+    """The learning rate of optimizer step `step` (from 0) of `total`, as a factor of the peak."""
+    if scheduler == "onecycle":  # t = (i + 1) / T as in the official loop, so step 0 learns
+        return one_cycle(step + 1, total)
+    return float(0.5 * (1 + np.cos(np.pi * min(step, total) / total)))  # cosine
 
 
 def architecture(variant: str | None, given: dict[str, Any], config: DataConfig | None) -> dict[str, Any]:
@@ -137,6 +146,7 @@ class ConvMixerClassifier(L.LightningModule):
         bound.apply_defaults()
         self.hparams.update(bound.arguments)
         self._channels_last = self._compiled = False  # applied in setup(), once the device is known
+        self._schedule: tuple[int, int] | None = None  # (steps of the lr schedule, the step it was saved at)
         if config is not None:  # the model summary's input and output sizes and FLOPs
             self.example_input_array = torch.zeros(1, *config.input_size)
         if pretrained:
@@ -193,9 +203,13 @@ class ConvMixerClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         save_metric_states(checkpoint, self._trainer, {"train_loss": self.train_loss, "train_acc1": self.train_acc1})
+        if self._schedule is not None:
+            checkpoint["schedule_steps"] = self._schedule[0]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         load_metric_states(checkpoint, self._trainer, {"train_loss": self.train_loss, "train_acc1": self.train_acc1})
+        if "schedule_steps" in checkpoint:  # compared with the resumed run's in configure_optimizers
+            self._schedule = (checkpoint["schedule_steps"], checkpoint.get("global_step", 0))
 
     # -- steps -----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,10 +282,12 @@ class ConvMixerClassifier(L.LightningModule):
         if hp.scheduler == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        if hp.scheduler == "onecycle":
-            # the factor for the step about to be taken: t = (i + 1) / T as in the official loop, so step 0 learns
-            factor = lambda step: one_cycle(step + 1, total)  # noqa: E731
-        else:
-            factor = lambda step: 0.5 * (1 + np.cos(np.pi * min(step, total) / total))  # noqa: E731
+        if self._schedule is not None and self._schedule[0] != total:  # a longer (or shorter) run resumed
+            step, was = self._schedule[1], lr_factor(hp.scheduler, self._schedule[1], self._schedule[0])
+            say(f"the {hp.scheduler} schedule now spans {total} steps (was {self._schedule[0]}): at the resumed "
+                f"step {step} the learning rate goes from {hp.lr * was:.3g} to "
+                f"{hp.lr * lr_factor(hp.scheduler, step, total):.3g}")
+        self._schedule = (total, 0)
+        factor = partial(lr_factor, hp.scheduler, total=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -157,7 +157,7 @@ def decode(data: bytes, rules: UploadRules) -> np.ndarray:
     try:
         with Image.open(BytesIO(data)) as probe:  # the header only: the size, before any pixel is decoded
             pixels = probe.size[0] * probe.size[1]
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         pixels = 0  # read_image says what is wrong with it
     try:
         with rules.budget(pixels):

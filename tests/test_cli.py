@@ -8,6 +8,7 @@ that stop before training (--print_config, --help, refusals) run `main()` in thi
 from __future__ import annotations
 
 import contextlib
+import csv
 import inspect
 import io
 import re
@@ -164,15 +165,18 @@ def test_resume_continues_the_run(run, resumed):
     adam_steps = {float(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
     assert adam_steps == {2.0 * STEPS}  # the optimizer's moments carried over rather than restarting
 
-    # the second run logs steps 8..15 into its own folder, starting from the first run's loss level
+    # the second run goes on logging into the first run's folder: steps 8..15 after 0..7, starting from the
+    # first run's loss level, and both epochs in one metrics.csv (the curves of the whole run)
     logs = _fit_logs(run.dirpath)
-    assert len(logs) == 2
-    first, second = (_scalars(folder, "train/loss_step") for folder in logs)
-    assert [step for step, _ in first] == list(range(STEPS))
-    assert [step for step, _ in second] == list(range(STEPS, 2 * STEPS))
-    assert second[0][1] < 0.85 * first[0][1]  # from scratch it would start near ln(10) = 2.30 again
-    epoch_loss = [_scalars(folder, "train/loss_epoch")[-1][1] for folder in logs]
-    assert epoch_loss[1] < epoch_loss[0]
+    assert len(logs) == 1
+    steps = _scalars(logs[0], "train/loss_step")
+    assert [step for step, _ in steps] == list(range(2 * STEPS))
+    assert steps[STEPS][1] < 0.85 * steps[0][1]  # from scratch it would start near ln(10) = 2.30 again
+    epoch_loss = [value for _, value in _scalars(logs[0], "train/loss_epoch")]
+    assert len(epoch_loss) == 2 and epoch_loss[1] < epoch_loss[0]
+    with open(logs[0] / "metrics.csv", newline="") as f:
+        epochs = [row["epoch"] for row in csv.DictReader(f) if row.get("train/loss_epoch")]
+    assert epochs == ["0", "1"]
 
 
 class _FirstEpochBest(ConvMixerClassifier):
@@ -244,7 +248,7 @@ def test_digits_config_trains_and_test_without_ckpt_path_uses_its_checkpoint(dig
     assert digits.test.returncode == 0, digits.test.stderr[-3000:]
     used = re.search(r"convmixer: test uses (\S+\.ckpt)", digits.test.stderr)
     assert used is not None, digits.test.stderr
-    assert Path(used.group(1)).resolve().parent == (digits.cwd / "checkpoints" / "digits").resolve()
+    assert (digits.cwd / used.group(1)).resolve().parent == (digits.cwd / "checkpoints" / "digits").resolve()
     assert _metrics(digits.test.stdout)["test/acc1"] >= 0.95  # untrained weights score about 0.1
 
 

@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -30,11 +31,11 @@ from PIL import Image
 from convmixer_pl.checkpoints import load_module
 from convmixer_pl.cli import main as convmixer_main
 from convmixer_pl.data.images import read_image
-from convmixer_pl.serve import ConvMixerAPI, UploadRules, decode, split_transform
+from convmixer_pl.serve import ConvMixerAPI, PixelBudget, UploadRules, decode
 
 MAX_BYTES = 4096  # the test server's --max_bytes: the digit images are far smaller, BIG_IMAGE is larger
 MAX_BATCH_SIZE = 8
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("CONVMIXER_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -156,7 +157,7 @@ def checkpoint_probs(ckpt: Path, paths: list[Path]) -> tuple[torch.Tensor, list[
     """Class probabilities of each file computed in this process, one image at a time, with the checkpoint's own
     preprocessing: what the server must answer."""
     module = load_module(ckpt)
-    transform, mode = module.eval_transform(), {1: "L", 3: "RGB"}[module.data_config["input_size"][0]]
+    transform, mode = module.eval_transform(), module.data_config.pil_mode
     with torch.no_grad():
         probs = torch.stack([module(transform(read_image(str(path), mode))[None])[0].softmax(0) for path in paths])
     return probs, module.class_names
@@ -301,7 +302,7 @@ def test_the_model_answers_one_crop_or_a_batch_alike(digits_run, digits):
     """ConvMixerAPI in this process: LitServe hands predict one crop without batching, a stack of them with it."""
     api = ConvMixerAPI(str(digits_run / "last.ckpt"), top_k=3)
     api.setup("cpu")
-    rules = UploadRules("L", split_transform(api.model.eval_transform())[0], MAX_BYTES)
+    rules = UploadRules("L", api.model.data_config.image_transform(), MAX_BYTES, PixelBudget(10**8))
     crops = [api.decode_request(decode(path.read_bytes(), rules)) for path in digits.paths[:3]]
     alone = [api.predict(crop) for crop in crops]
     together = api.predict(torch.stack(crops))
@@ -331,8 +332,8 @@ def test_page_is_served_self_contained_and_posts_to_predict(server):
 
 def test_page_in_chromium_shows_the_top_classes_as_bars(server, digits, digits_run, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt install chromium)")
+    if not CHROMIUM:
+        pytest.skip("no Chromium on PATH (apt install chromium, or set CONVMIXER_CHROMIUM to its path)")
     image = tmp_path / "digit.png"  # the first digit, large enough to see in the screenshot
     Image.open(digits.paths[0]).convert("L").resize((96, 96), Image.NEAREST).save(image)
     probs, names = checkpoint_probs(digits_run / "last.ckpt", [image])
@@ -386,12 +387,13 @@ def test_bad_command_lines_end_in_one_line_and_exit_code_2(digits_run, tmp_path,
     cases = [
         (["--ckpt_path", str(tmp_path / "missing.ckpt")], "no such file"),
         (["--ckpt_path", str(tmp_path / "notes.ckpt")], "is not a checkpoint torch can read"),
-        ([], "--ckpt_path"),
+        ([], "ckpt_path"),
         (["--ckpt_path", ckpt, "--top_k", "0"], "--top_k must be at least 1"),
         (["--ckpt_path", ckpt, "--max_batch_size", "0"], "--max_batch_size must be at least 1"),
         (["--ckpt_path", ckpt, "--batch_timeout", "-1"], "--batch_timeout must be >= 0"),
         (["--ckpt_path", ckpt, "--port", "80"], "--port must be from 1024 to 65535"),
-        (["--ckpt_path", ckpt, "--host", "example.com"], "invalid choice"),
+        (["--ckpt_path", ckpt, "--host", "example.com"], "host"),
+        (["--ckpt_path", ckpt, "--decode_pixels", "0"], "--decode_pixels must be at least 1"),
         (["--ckpt_path", ckpt, "--accelerator", "cpu", "--devices", "2"], "--workers_per_device"),
         (["--ckpt_path", ckpt, "--accelerator", "cuda", "--devices", "99"], "GPU"),
         (["--ckpt_path", ckpt, "--devices", "two"], "--devices must be auto or a number"),

@@ -15,6 +15,7 @@ from torch import nn
 from convmixer_pl.hub import write_folder
 from convmixer_pl.model import VARIANTS, ConvMixer
 from convmixer_pl.module import ConvMixerClassifier
+from convmixer_pl.preprocessing import DataConfig
 from convmixer_pl.weights import (
     TIMM_VARIANTS,
     WeightsError,
@@ -243,8 +244,8 @@ def test_timm_names_paper_variants_and_spells_out_other_sizes():
 @pytest.fixture
 def relu_folder(tmp_path, images):
     """A folder written by `convmixer export --format hf`'s writer from a random ReLU model; and its logits."""
-    module = ConvMixerClassifier(dim=DIM, depth=DEPTH, kernel_size=K, patch_size=P, num_classes=CLASSES, act="relu",
-                                 image_size=24, mean=(0.5,) * 3, std=(0.25,) * 3, class_names=list("abcdefg"))
+    config = DataConfig(24, mean=(0.5,) * 3, std=(0.25,) * 3, class_names=list("abcdefg"))
+    module = ConvMixerClassifier(dim=DIM, depth=DEPTH, kernel_size=K, patch_size=P, act="relu", data_config=config)
     randomize(module.model)
     folder = write_folder(module, tmp_path / "relu_hf")
     with torch.no_grad():

@@ -14,6 +14,8 @@ training steps of each candidate on synthetic data and remembers the choice:
   each round; rounds stop after `budget_s` (at least `MIN_ROUNDS`);
 - fp32 is kept unless a reduced precision is faster by `PRECISION_MARGIN`, and the default layout unless another
   is faster by `TIE_MARGIN`, so that noise does not flip the choice;
+- where other processes kept the CPUs busy meanwhile (read from /proc/stat), the figures are too noisy to keep:
+  the default stays unless another choice measured `BUSY_MARGIN` times as fast, and nothing is cached;
 - the choice is cached in a JSON file keyed by device, shape and torch version (`$CONVMIXER_CACHE_DIR/speed.json`,
   default `~/.cache/convmixer/speed.json`) and said in one line.
 
@@ -47,6 +49,7 @@ CACHE_ENV = "CONVMIXER_CACHE_DIR"
 FULL = "32-true"
 PRECISION_MARGIN = 0.10  # a reduced precision must be this much faster than fp32 to be chosen
 TIE_MARGIN = 0.03  # another layout/path must be this much faster than the default one
+BUSY_MARGIN = 1.5  # on a busy machine, how much faster than the default a choice must measure to be taken
 DROP_BELOW = 0.6  # after a round, candidates below this fraction of the best speed are not stepped again
 MIN_ROUNDS, MAX_ROUNDS = 3, 7
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -477,6 +480,7 @@ def choose_speed(shape: ModelShape, device: torch.device | str = "cpu", *, preci
         say(f"speed: {cached.describe(device.type)} chosen by measurement ({summary}); cached in {path}")
         return cached
     if not measure_now:
+        say(f"speed: {default.describe(device.type)} (the default: measured only where one process trains)")
         return default
     try:
         with _measuring(device):
@@ -487,12 +491,15 @@ def choose_speed(shape: ModelShape, device: torch.device | str = "cpu", *, preci
         say(f"speed: {default.describe(device.type)} (the default; not measured: {reason})")
         return default
     choice = pick(result.rates, default)
+    if result.contended():  # a busy machine's figures: only a wide lead counts, and only for this run
+        if default in result.rates and result.rates[choice] < BUSY_MARGIN * result.rates[default]:
+            choice = default
+        say(f"speed: {choice.describe(device.type)} chosen by measurement on a busy machine "
+            f"({_summary(choice, result, device.type)}); not cached: other processes kept {result.other_cpus:.1f} "
+            f"of {usable_cpus()} CPUs busy, so it is measured again next time")
+        return choice
     summary = _summary(choice, result, device.type)
     said = f"speed: {choice.describe(device.type)} chosen by measurement ({summary})"
-    if result.contended():  # a busy machine's figures: good enough for this run, not to be remembered
-        say(f"{said}; not cached: other processes kept {result.other_cpus:.1f} of {usable_cpus()} CPUs busy, so "
-            "it is measured again next time")
-        return choice
     if write_cache(path, key, {"choice": asdict(choice), "summary": summary, "batch_size": shape.batch_size,
                                "images_per_s": {c.describe(device.type): round(r, 1)
                                                 for c, r in result.rates.items()},

@@ -1,190 +1,185 @@
-"""Requests/s of `convmixer serve` at a few client concurrencies and server --max_batch_size values, against
-`convmixer predict` on a folder of the same images.
+"""`convmixer serve` under load: requests/s and p50/p95 latency with 1, 16 and 64 concurrent clients, beside the
+images/s of batched inference on the same images in the same run (decode, resize, crop, normalise, the model and
+the top-k, in batches, in this process); docs/serving.md.
 
-    python benchmarks/serve_throughput.py --ckpt_path checkpoints/digits/last.ckpt --requests 512 \\
-        --concurrency 1 4 16 64 --max_batch_size 1 8 32
-    python benchmarks/serve_throughput.py --ckpt_path X --requests 8 --concurrency 1 2 --max_batch_size 4  # tiny
+    python -m benchmarks.serve_throughput --clients [1,16,64] --servers ["--max_batch_size 8","--max_batch_size 32"]
 
-For each --max_batch_size it starts the server on a free loopback port, sends --requests uploads (one image each,
-raw bytes) from a pool of --concurrency threads, each keeping one HTTP connection open, after a warm-up round, and
-prints requests/s (= images/s, one image per request), the median and 95th percentile latency and the mean batch
-size the server reported. Then it times `convmixer predict` over the same images, wall time of the whole command
-(start-up included), and its images/s. Without --images, --requests random RGB images of 1.25x the model's input
-size are written to a temporary folder (so every request decodes, resizes and crops, as a real upload would).
+Without --ckpt_path it serves ConvMixer-256/8 (kernel 5, patch 2) for 32 px RGB images, saved after one training
+step. The uploads are random RGB PNGs of 1.25x the model's input, sent as raw bytes by one thread per client over a
+keep-alive connection to a server on a free 127.0.0.1 port, after a warm-up round.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import http.client
+import io
 import json
 import os
-import shutil
+import shlex
 import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import torch
+from jsonargparse import CLI
 from PIL import Image
 
+from benchmarks.official import convmixer_command, convmixer_env
+from convmixer_pl.benchmark import cpu_name, time_calls
 from convmixer_pl.checkpoints import load_module
-from convmixer_pl.data.images import find_images
+from convmixer_pl.files import atomic_write
 
 
-def convmixer() -> str:
-    beside = Path(sys.executable).parent / "convmixer"
-    return str(beside) if beside.is_file() else (shutil.which("convmixer") or "convmixer")
+def build_checkpoint(path: Path) -> Path:
+    """ConvMixer-256/8 for 32 px CIFAR-10-like images, saved by Lightning after one step on random images."""
+    import lightning as L
+
+    from convmixer_pl.module import ConvMixerClassifier
+    from convmixer_pl.preprocessing import DataConfig
+
+    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    module = ConvMixerClassifier("convmixer_256_8", data_config=DataConfig(32, class_names=classes))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    trainer.save_checkpoint(path)
+    return path
 
 
-def write_images(folder: Path, count: int, ckpt_path: str) -> list[Path]:
-    """`count` random RGB PNGs a little larger than the model's input, so the server resizes and crops each."""
-    size = load_module(ckpt_path).data_config["input_size"][1]
-    side = max(8, round(1.25 * size))
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"image_{i:05d}.png" for i in range(count)]
-    for path in paths:
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), "RGB").save(path)
-    return paths
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, "PNG")
+    return buffer.getvalue()
 
 
-def free_port() -> int:
+def batched_inference(ckpt_path: str, payloads: list[bytes], batch_size: int, device: str) -> tuple[float, str]:
+    """images/s (median) of the server's work on the same uploads, in batches in this process, and its noise."""
+    module = load_module(ckpt_path).to(device)
+    config = module.data_config
+    per_image, per_batch, mode = config.image_transform(), config.batch_transform(), config.pil_mode
+
+    def run_all() -> None:
+        with torch.inference_mode():
+            for i in range(0, len(payloads), batch_size):
+                crops = torch.stack([per_image(Image.open(io.BytesIO(p)).convert(mode))
+                                     for p in payloads[i:i + batch_size]])
+                module(per_batch(crops.to(device))).softmax(dim=1).topk(min(5, module.num_classes)).indices.tolist()
+
+    figure = time_calls(run_all, len(payloads), min_seconds=2.0)
+    return figure.rates()[1], figure.text("passes")
+
+
+@contextlib.contextmanager
+def serving(ckpt_path: str, options: list[str], log: Path) -> Iterator[int]:
+    """`convmixer serve` on a free loopback port, from when it answers GET /health; stopped afterwards (SIGTERM,
+    which stops its worker processes too, then SIGKILL)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(ckpt_path: str, port: int, options: list[str], log) -> subprocess.Popen:
-    command = [convmixer(), "serve", "--ckpt_path", ckpt_path, "--port", str(port), "--log_level", "warning",
-               *options]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"convmixer serve exited with {process.returncode}: {tail(log.name)}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return process
-        except OSError:
-            pass
-        time.sleep(0.5)
-    stop_server(process)
-    raise SystemExit(f"convmixer serve did not answer /health within 300 s: {tail(log.name)}")
-
-
-def tail(path: str) -> str:
-    return " | ".join(Path(path).read_text(errors="replace").strip().splitlines()[-5:])
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)  # the server stops its worker processes
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(convmixer_command("serve", "--ckpt_path", ckpt_path, "--port", str(port),
+                                                 "--log_level", "warning", *options),
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=convmixer_env(),
+                               start_new_session=True)
     try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        for _ in range(600):  # 300 s
+            if process.poll() is not None:
+                raise RuntimeError(f"convmixer serve exited with {process.returncode}: {log.read_text()[-2000:]}")
+            with contextlib.suppress(OSError):
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"convmixer serve did not answer /health within 300 s: {log.read_text()[-2000:]}")
+        yield port
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
-class Client:
-    """One keep-alive HTTP connection per thread; `post` returns (seconds, batch size the server reported)."""
+def load(port: int, payloads: list[bytes], requests: int, clients: int) -> dict:
+    """`requests` uploads (after a warm-up round) from `clients` threads, one keep-alive connection each."""
+    local = threading.local()
 
-    def __init__(self, port: int) -> None:
-        self.port, self.local = port, threading.local()
-
-    def post(self, data: bytes) -> tuple[float, int]:
-        if not hasattr(self.local, "connection"):
-            self.local.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+    def post(data: bytes) -> tuple[float, int]:
+        if not hasattr(local, "connection"):
+            local.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         start = time.perf_counter()
-        self.local.connection.request("POST", "/predict", body=data, headers={"Content-Type": "image/png"})
-        response = self.local.connection.getresponse()
+        local.connection.request("POST", "/predict", body=data, headers={"Content-Type": "image/png"})
+        response = local.connection.getresponse()
         body = response.read()
-        seconds = time.perf_counter() - start
         if response.status != 200:
-            raise SystemExit(f"POST /predict answered {response.status}: {body[:300]!r}")
-        return seconds, json.loads(body)["batch_size"]
+            raise RuntimeError(f"POST /predict answered {response.status}: {body[:300]!r}")
+        return time.perf_counter() - start, json.loads(body)["batch_size"]
 
-
-def measure(port: int, payloads: list[bytes], requests: int, concurrency: int) -> dict:
-    client = Client(port)
     sent = [payloads[i % len(payloads)] for i in range(requests)]
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(client.post, sent[: max(concurrency, min(requests, 2 * concurrency))]))  # warm-up
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(post, sent[:max(clients, min(requests, 2 * clients))]))  # warm-up
         start = time.perf_counter()
-        results = list(pool.map(client.post, sent))
+        results = list(pool.map(post, sent))
         wall = time.perf_counter() - start
     latencies = sorted(seconds for seconds, _ in results)
-    return {"requests": requests, "seconds": wall, "requests_per_s": requests / wall,
-            "p50_ms": 1e3 * statistics.median(latencies),
-            "p95_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+    return {"clients": clients, "requests": requests, "requests_per_s": requests / wall,
+            "p50_ms": 1e3 * statistics.median(latencies), "p95_ms": 1e3 * latencies[int(0.95 * (len(latencies) - 1))],
             "mean_batch": statistics.fmean(batch for _, batch in results)}
 
 
-def time_predict(ckpt_path: str, folder: Path, accelerator: str, batch_size: int, work: Path) -> float:
-    command = [convmixer(), "predict", "--ckpt_path", ckpt_path, "--data", str(folder),
-               "--data.batch_size", str(batch_size), "--predictions.output", str(work / "predictions.csv"),
-               "--trainer.default_root_dir", str(work), "--trainer.enable_progress_bar", "false",
-               "--trainer.accelerator", accelerator, "--trainer.devices", "1"]
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=work)
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"convmixer predict failed ({result.returncode}): {result.stderr.strip()[-500:]}")
-    return wall
+def serve_throughput(ckpt_path: str | None = None, requests: int = 512, clients: tuple[int, ...] = (1, 16, 64),
+                     servers: tuple[str, ...] = ("",), images: int = 256, batch_size: int = 64,
+                     accelerator: Literal["cpu", "cuda"] = "cpu", output: str | None = None) -> list[dict]:
+    """`convmixer serve` requests/s and latency under concurrent clients, beside batched inference.
 
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt_path", required=True)
-    p.add_argument("--images", help="folder of images to send (cycled); default: --requests generated ones")
-    p.add_argument("--requests", type=int, default=512, help="timed requests per concurrency level")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="client threads")
-    p.add_argument("--max_batch_size", type=int, nargs="+", default=[1, 8, 32], help="server --max_batch_size")
-    p.add_argument("--batch_timeout", type=float, default=0.01, help="server --batch_timeout")
-    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--predict_batch_size", type=int, default=64, help="--data.batch_size of convmixer predict")
-    args = p.parse_args(argv)
-    args.ckpt_path = str(Path(args.ckpt_path).resolve())  # convmixer predict runs in a temporary folder
-
+    Args:
+        ckpt_path: The checkpoint to serve (default: a ConvMixer-256/8 at 32 px built here).
+        requests: Timed requests per row.
+        clients: Concurrent clients (threads) of each row.
+        servers: `convmixer serve` options, one server each, e.g. ["--max_batch_size 32 --batch_timeout 0.005"].
+        images: Distinct uploads, cycled.
+        batch_size: Batch size of the batched inference.
+        accelerator: Where the model runs, in the server and in the batched inference.
+        output: Also write the rows to this JSON file.
+    """
     work = Path(tempfile.mkdtemp(prefix="serve_throughput_"))
-    try:
-        folder = Path(args.images) if args.images else work / "images"
-        paths = find_images(folder) if args.images else write_images(folder, args.requests, args.ckpt_path)
-        if not paths:
-            raise SystemExit(f"--images {folder}: no images in it")
-        payloads = [path.read_bytes() for path in paths]
-        print(f"{args.ckpt_path}: {len(paths)} images, {args.requests} requests per row, accelerator "
-              f"{args.accelerator}, batch_timeout {args.batch_timeout} s")
-        print(f"{'max_batch_size':>14} {'concurrency':>11} {'requests/s':>10} {'images/s':>9} {'p50 ms':>8} "
-              f"{'p95 ms':>8} {'mean batch':>10}")
-        for max_batch_size in args.max_batch_size:
-            port = free_port()
-            with open(work / f"serve_{max_batch_size}.log", "w") as log:
-                server = start_server(args.ckpt_path, port, ["--max_batch_size", str(max_batch_size),
-                                                             "--batch_timeout", str(args.batch_timeout),
-                                                             "--accelerator", args.accelerator], log)
-                try:
-                    for concurrency in args.concurrency:
-                        row = measure(port, payloads, args.requests, concurrency)
-                        print(f"{max_batch_size:>14} {concurrency:>11} {row['requests_per_s']:>10.1f} "
-                              f"{row['requests_per_s']:>9.1f} {row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f} "
-                              f"{row['mean_batch']:>10.2f}", flush=True)
-                finally:
-                    stop_server(server)
-        wall = time_predict(args.ckpt_path, folder, args.accelerator, args.predict_batch_size, work)
-        print(f"convmixer predict: {len(paths)} images in {wall:.1f} s wall (start-up included), "
-              f"{len(paths) / wall:.1f} images/s")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    ckpt_path = str(Path(ckpt_path).resolve()) if ckpt_path else str(build_checkpoint(work / "convmixer_256_8.ckpt"))
+    size = load_module(ckpt_path).data_config.image_size
+    rng, side = np.random.default_rng(0), max(8, round(1.25 * size))
+    payloads = [png(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(images)]
+    rate, noise = batched_inference(ckpt_path, payloads, batch_size, "cuda" if accelerator == "cuda" else "cpu")
+    print(f"{ckpt_path}: {size} px, {images} PNG uploads of {side} px; {cpu_name()}, torch "
+          f"{torch.__version__}, {accelerator}; load average before {os.getloadavg()[0]:.2f}\nbatched inference "
+          f"(batch {batch_size}, this process, {torch.get_num_threads()} threads): {noise}")
+    print(f"{'server options':<40} {'clients':>7} {'requests/s':>10} {'x batched':>9} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'mean batch':>10}")
+    rows = []
+    for i, options in enumerate(servers):
+        with serving(ckpt_path, ["--accelerator", accelerator, *shlex.split(options)], work / f"serve_{i}.log") as port:
+            for n in clients:
+                rows.append({"server": options, **load(port, payloads, requests, n), "batched_images_per_s": rate})
+                row = rows[-1]
+                print(f"{options or '(defaults)':<40} {n:>7} {row['requests_per_s']:>10.1f} "
+                      f"{row['requests_per_s'] / rate:>9.2f} {row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f} "
+                      f"{row['mean_batch']:>10.2f}", flush=True)
+    if output:
+        with atomic_write(output) as f:
+            json.dump(rows, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    CLI(serve_throughput)

@@ -1,4 +1,6 @@
-"""`python -m convmixer_pl.benchmark` in a tiny form: every printed field is there and holds a number."""
+"""`convmixer benchmark` in a tiny form (every figure printed with its noise, whatever else the machine runs), the
+measuring pieces of `convmixer_pl.benchmark`, and the per-call scripts in `benchmarks/`. Nothing here asserts on
+how fast anything ran."""
 
 from __future__ import annotations
 
@@ -8,60 +10,101 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
-from convmixer_pl import benchmark
+from convmixer_pl.benchmark import BenchmarkError, Clock, Figure, PeakMemory, benchmark, paired_ratio, run_metrics
 
-TINY = ["--dim", "8", "--depth", "2", "--kernel-size", "3", "--image-size", "8", "--batch-size", "4",
-        "--steps", "2", "--warmup", "1", "--device", "cpu"]
-NUMBER = r"(\d+\.\d+) \((\d+\.\d+)-(\d+\.\d+)\)(?: \[\d+/\d+\])?"  # images/s (p25-p75) [kept/all]
+TINY = dict(dim=8, depth=2, kernel_size=3, image_size=8, batch_size=4, steps=2, warmup=1, device="cpu")
+ROW = re.compile(r"^(lightning|plain|official)\s+(on|off)\s+(train|infer)\s+(\d+\.\d)\s+(\d+\.\d)-(\d+\.\d)\s+(\d+)"
+                 r"\s+(\d+\.\d\d|unknown)\s+(-?\d+\.\d|unknown)$", re.M)
 
 
-def test_benchmark_prints_speed_memory_and_ratios(tmp_path):
+def test_benchmark_prints_every_figure_with_its_noise(tmp_path):
+    """Through the installed command and a --config file, as a user runs it."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("".join(f"{key}: {value}\n" for key, value in TINY.items()))
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, "-m", "convmixer_pl.benchmark", *TINY, "--grad-checkpointing", "both",
-                           "--precision", "bf16-mixed", "--augmentation", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(["convmixer", "benchmark", "--config", str(config), "--grad_checkpointing", "both",
+                           "--precision", "bf16-mixed", "--augmentation", "crop", "--output", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     assert "model: convmixer_256_8 dim=8 depth=2 kernel=3 patch=2 classes=10, 8x8, batch 4" in text
-    assert "settings: precision bf16-mixed, channels_last on (auto), compile off" in text
+    assert "settings: precision bf16-mixed, channels_last on (default), compile off" in text
     assert "official: the plain loop in NCHW, eager, precision 32-true, nn.Conv2d's depthwise backward" in text
-    assert "depthwise weight gradient of lightning and plain: convmixer_pl.depthwise's" in text
-    assert "memory: CPU peak RSS (VmHWM)" in text
-    rows = {}
-    for line in text.splitlines():
-        match = re.match(r"(lightning|plain|official)\s+(on|off)\s+(.*)$", line)
-        if match:
-            rows[match[1], match[2]] = match[3]
-    assert set(rows) == {("lightning", "off"), ("lightning", "on"), ("plain", "off"), ("plain", "on"),
-                         ("official", "off")}
-    # checkpointing on: training only (inference does not checkpoint), so its inference column is "-"
-    full = re.fullmatch(rf"{NUMBER}\s+{NUMBER}\s+(-?\d+\.\d+)\s+(-?\d+\.\d+)", rows["lightning", "off"])
-    assert full and float(full[1]) > 0 and float(full[4]) > 0
-    train_only = re.fullmatch(rf"{NUMBER}\s+-\s+(-?\d+\.\d+)\s+-", rows["plain", "on"])
-    assert train_only and float(train_only[1]) > 0
+    assert "2 timed steps after 1 warm-up per run, 1 round(s), every timed step kept" in text
+    rows = {(m[1], m[2], m[3]): m for m in ROW.finditer(text)}
+    # checkpointing both: training with and without it; inference never checkpoints, so it runs once
+    assert set(rows) == {("lightning", "off", "train"), ("lightning", "on", "train"), ("lightning", "off", "infer"),
+                         ("plain", "off", "train"), ("plain", "on", "train"), ("plain", "off", "infer"),
+                         ("official", "off", "train"), ("official", "off", "infer")}, text
+    for m in rows.values():
+        assert float(m[5]) <= float(m[4]) <= float(m[6]) and float(m[4]) > 0 and m[7] == "2"
+    assert "- " not in text.split("runner", 1)[1] and " -\n" not in text  # no row of dashes
     for pair in ("lightning/plain", "lightning/official", "plain/official"):
-        assert re.search(rf"ratio {pair}: train \d+\.\d\dx, inference \d+\.\d\dx", text), pair
-    assert re.search(r"ratio lightning/plain \(grad_ckpt on\): train \d+\.\d\dx$", text, re.M)
-    augment = re.search(r"augmentation .* per-image torchvision (\d+) \(one process\), batched on cpu (\d+)", text)
-    assert augment and int(augment[1]) > 0 and int(augment[2]) > 0
+        assert re.search(rf"^ratio {pair}: train \d+\.\d\dx, inference \d+\.\d\dx$", text, re.M), pair
+    assert re.search(r"^ratio lightning/plain \(grad_ckpt on\): train \d+\.\d\dx$", text, re.M)
+    assert re.search(r"^augmentation crop \(CIFAR, 32 px\), images/s: per-image torchvision \d+\.\d \(p25-p75 "
+                     r"[\d.]+-[\d.]+, \d+ blocks, others' CPUs (\d\.\d\d|unknown)\) \(one process\), batched on cpu "
+                     r"\d+\.\d \(p25-p75", text, re.M), text
+    assert f"convmixer benchmark: wrote {out}" in proc.stderr
 
     saved = json.loads(out.read_text())
     assert saved["setup"]["precision"] == "bf16-mixed" and saved["setup"]["channels_last"] is True
-    steps = {(r["runner"], r["grad_checkpointing"]): r for r in saved["results"]}
-    assert [len(r) for r in steps["lightning", False]["train_steps"]] == [2]  # one round of 2 timed steps
-    assert [len(r) for r in steps["plain", False]["infer_steps"]] == [2]
-    assert steps["plain", True]["infer_steps"] == []
+    by_key = {(r["runner"], r["grad_checkpointing"], r["phase"]): r for r in saved["rows"]}
+    assert [len(s) for s in by_key["lightning", False, "train"]["step_seconds"]] == [2]  # one round of 2 steps
+    assert by_key["plain", True, "train"]["steps"] == 2 and ("plain", True, "infer") not in by_key
+    assert saved["ratios"]["lightning/plain grad_ckpt train"] > 0
+    assert saved["augmentation"]["batched"]["images_per_sec"] > 0
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(runners="lightning,keras"), "--runners 'lightning,keras': give a comma-separated subset of lightning,"),
+    (dict(phases=""), "--phases '': give a comma-separated subset of train,infer"),
+    (dict(steps=0), "--steps 0, --rounds 1 and --batch_size 4 must be at least 1"),
+    (dict(variant="resnet50"), "--variant 'resnet50': choose one of convmixer_1024_20_ks9_p14"),
+])
+def test_bad_options_are_one_line(options, words):
+    with pytest.raises(BenchmarkError, match=re.escape(words)):
+        benchmark(**{**TINY, **options})
+
+
+def test_figure_keeps_every_step_and_says_its_noise():
+    slow_spell = Figure([0.5, 0.5, 0.5, 2.0], items=8, others=1.5)  # one step four times as long: still counted
+    low, median, high = slow_spell.rates()
+    assert median == 16.0 and low < median == high
+    assert slow_spell.text() == "16.0 (p25-p75 13.0-16.0, 4 steps, others' CPUs 1.50)"
+    assert Figure([0.25], items=8).text("blocks") == "32.0 (p25-p75 32.0-32.0, 1 blocks, others' CPUs unknown)"
+    merged = Figure.merged([slow_spell, Figure([1.0], 8, None), Figure([1.0], 8, 0.5)])
+    assert merged.seconds == [0.5, 0.5, 0.5, 2.0, 1.0, 1.0] and merged.others == 1.0
+    # paired by round: (2.0 / 1.0, 3.0 / 1.5) -> 2.0, whatever each round's own speed
+    assert paired_ratio([Figure([1.0], 1), Figure([1.5], 1)], [Figure([2.0], 1), Figure([3.0], 1)]) == 2.0
+
+
+def test_clock_counts_other_processes_cpu_and_not_its_own():
+    clock = Clock(torch.device("cpu"), warmup=1, on_warm=lambda: None)
+    clock.tick()  # the warm-up step: not timed
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        clock.tick()
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:  # this process's own work is not counted as others'
+            pass
+        clock.tick()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    figure = clock.figure(items=4)
+    assert len(figure.seconds) == 1 and figure.items == 4
+    assert figure.others is not None and 0 < figure.others <= os.cpu_count()
 
 
 def test_peak_memory_sees_an_allocation():
-    memory = benchmark.PeakMemory(torch.device("cpu"))
-    if not memory.available:
-        pytest.fail("/proc/self/clear_refs is not writable here: CPU peak memory cannot be measured")
+    memory = PeakMemory(torch.device("cpu"))
+    assert memory.available, "/proc/self/clear_refs is not writable here: CPU peak memory cannot be measured"
     memory.start()
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     del block
@@ -70,44 +113,22 @@ def test_peak_memory_sees_an_allocation():
     assert memory.peak_mib() < 30
 
 
-def test_busy_steps_are_left_out_and_ratios_pair_rounds():
-    steps = [[1.0, 2.0, 1.1], [1.2, 1.3]]
-    others = [[0.1, 1.5, float("nan")], [0.9, 0.2]]  # NaN: unknown, kept
-    kept = benchmark.quiet_steps(steps, others, 0.25)
-    assert kept == [[1.0, 1.1], [1.3]]
-    assert benchmark.quiet_steps(steps, others, float("inf")) == steps
-    # round by round: (2.0 / 1.0, 3.0 / 1.5) -> median 2.0; a round where one side kept nothing is skipped
-    assert benchmark.paired_ratio([[1.0], [1.5], []], [[2.0], [3.0], [9.0]]) == 2.0
-    assert benchmark.paired_ratio([[]], [[1.0]]) is None
+def test_run_metrics_reads_the_newest_log(tmp_path):
+    for version, acc in ((2, "0.5"), (10, "0.75")):  # version_10 is newer than version_2
+        log = tmp_path / "lightning_logs" / f"version_{version}"
+        log.mkdir(parents=True)
+        (log / "metrics.csv").write_text("epoch,step,train/images_per_sec,val/acc1\n0,9,100.0,\n0,9,,0.25\n"
+                                         f"1,19,120.0,\n1,19,,{acc}\n")
+    assert run_metrics(tmp_path) == {"train/images_per_sec": {0: 100.0, 1: 120.0}, "val/acc1": {0: 0.25, 1: 0.75}}
+    assert run_metrics(tmp_path / "no_run") == {}
 
 
-def test_clock_reports_other_processes_cpu():
-    clock = benchmark.Clock(torch.device("cpu"), warmup=0, on_warm=lambda: None)
-    for _ in range(3):
-        clock.tick()
-        end = time.perf_counter() + 0.06
-        while time.perf_counter() < end:  # this process's own work is not counted as others'
-            pass
-    clock.tick()
-    assert len(clock.steps()) == 3 and all(0.05 < t < 1 for t in clock.steps())
-    assert all(0 <= o <= os.cpu_count() for o in clock.others())
-
-
-def test_bad_arguments_exit_with_a_message(capsys):
-    for argv in (["--runners", "lightning,keras"], ["--steps", "0"], ["--variant", "resnet50"]):
-        with pytest.raises(SystemExit) as exit_info:
-            benchmark.main(argv)
-        assert exit_info.value.code == 2
-    assert "keras not in lightning,plain,official" in capsys.readouterr().err
-
-
-def test_depthwise_weight_grad_script_prints_times_and_agreement(tmp_path):
-    script = Path(__file__).parents[1] / "benchmarks" / "depthwise_weight_grad.py"
-    proc = subprocess.run([sys.executable, str(script), "--batch", "2", "--dim", "8", "--size", "6", "--kernels", "5",
-                           "--calls", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+def test_depthwise_weight_grad_script_prints_times_and_agreement():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.depthwise_weight_grad", "--batch", "2", "--dim", "8",
+                           "--size", "6", "--kernels", "[5]", "--min_seconds", "0.01"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "activations (2, 8, 6, 6), channels_last" in proc.stdout
-    row = re.search(r"^\s+5" + r"\s+(\d+\.\d+)" * 4 + r"\s+(\S+)$", proc.stdout, re.M)
+    row = re.search(r"^\s+5" + r"\s+(\d+\.\d+) \([\d.]+-[\d.]+\)" * 4 + r"\s+(\S+)$", proc.stdout, re.M)
     assert row, proc.stdout
-    assert all(float(row[i]) > 0 for i in range(1, 5))
     assert float(row[5]) < 1e-5  # the compiled fp32 gradient is oneDNN's

@@ -1,226 +1,208 @@
-"""`convmixer benchmark`: training and inference speed and peak memory of a ConvMixer.
+"""`convmixer benchmark`: training and inference speed and peak memory of a ConvMixer, three ways in one process.
 
-Runs the same model on the same data three ways in one process and prints images/s and peak memory of each:
-`lightning` (ConvMixerClassifier in a Trainer, as `convmixer fit`/`predict` run it), `plain` (a hand-written
-PyTorch loop with the same settings: the official CIFAR-10 script's loop) and `official` (that plain loop with
-the official script's own settings: NCHW, eager, fp32 on the CPU and fp16 autocast on a GPU). The data is a pool
-of random batches already on the device, so the numbers are the training/inference steps, not data loading.
+`lightning` is ConvMixerClassifier in a Trainer (as `convmixer fit`/`predict` run it), `plain` a hand-written
+PyTorch loop with the same settings (the official CIFAR-10 script's loop), `official` that loop with the official
+script's own settings (NCHW, eager, nn.Conv2d's depthwise backward, fp32 on the CPU and fp16 autocast on a GPU).
+The data is a pool of random batches already on the device, so the figures are the steps, not data loading.
 
-Speeds are medians over the timed steps (per-step wall time, the device synchronised at every step boundary);
-p25-p75 shows the noise. With `--rounds N` every run is repeated N times, the runners taking turns, and a ratio
-is the median over rounds of the ratio of that round's median step times (paired, so slow spells on a shared
-machine hit both sides of a ratio alike).
+Every figure is printed with its noise (`measure.py`): median images/s over the timed steps, the 25th-75th
+percentiles, how many steps, and how many CPUs other processes kept busy meanwhile. With `--rounds N` the runners
+take turns N times and a ratio is the median over rounds of that round's ratio, so slow spells of a shared machine
+hit both sides alike. The loops are in `runners.py`.
 
-Memory is the peak during the timed steps above what was in use before the phase started (model and data):
-`torch.cuda.max_memory_allocated` on a GPU; on the CPU the process's peak resident set size (VmHWM, reset through
-/proc/self/clear_refs after returning freed heap with malloc_trim), which also counts what the allocator keeps and
-anything the warm-up left resident (compiled code, Python objects), so it is coarser than the CUDA figure.
-
-    convmixer benchmark --variant convmixer_256_8 --image-size 32 --batch-size 64 \
-        --precision bf16-mixed --channels-last on --rounds 3
-
-The measuring is in `measure.py`, the loops that are measured in `runners.py`.
+    convmixer benchmark --variant convmixer_256_8 --image_size 32 --batch_size 64 --precision bf16-mixed --rounds 3
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import statistics
 import warnings
 from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Literal
 
 import torch
 
+from ..files import atomic_write
 from ..model import VARIANTS
 from ..module import use_channels_last
-from .measure import Clock, PeakMemory, mib_text, paired_ratio, quiet_steps, rate_text
-from .runners import PRECISIONS, RUNNERS, Result, Setup, augmentation_rates, make_pool, measure
+from .measure import Clock, Figure, PeakMemory, cpu_name, paired_ratio, run_metrics, sync, time_calls
+from .runners import AUGMENTATIONS, Setup, augmentation_rates, make_pool, measure
+
+RUNNERS, PHASES = ("lightning", "plain", "official"), ("train", "infer")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="convmixer benchmark", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="convmixer_256_8", choices=sorted(VARIANTS), help="named architecture")
-    for name in ("dim", "depth", "kernel-size", "patch-size", "num-classes"):
-        p.add_argument(f"--{name}", type=int, help=f"override the variant's {name.replace('-', '_')}")
-    p.add_argument("--image-size", type=int, help="input size (default 32 for 10-class variants, else 224)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", default="32-true", choices=PRECISIONS)
-    p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
-                   help="auto: the training default (ConvMixerClassifier's channels_last: null)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--compile-mode", default="default")
-    p.add_argument("--grad-checkpointing", default="off", choices=("off", "on", "both"),
-                   help="both: measure training with and without it (inference does not use it)")
-    p.add_argument("--cudnn-benchmark", action="store_true")
-    p.add_argument("--stock-depthwise", action="store_true",
-                   help="every runner uses nn.Conv2d's depthwise backward, not DepthwiseConv2d's CPU weight "
-                        "gradient (the official runner always does)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before them (compilation happens here)")
-    p.add_argument("--rounds", type=int, default=1, help="repeat every run, alternating runners, to even out noise")
-    p.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated subset of {','.join(RUNNERS)}")
-    p.add_argument("--phases", default="train,infer", help="comma-separated subset of train,infer")
-    p.add_argument("--quiet-cpus", type=float, default=0.25,
-                   help="CPU runs: leave out steps during which other processes kept more than this many CPUs "
-                        "busy (a shared machine); inf keeps every step")
-    p.add_argument("--augmentation", action="store_true",
-                   help="also time the CIFAR augmentation: per-image torchvision vs batched on the device")
-    p.add_argument("--json", help="also write the results to this file")
-    args = p.parse_args(argv)
-    for name, values, allowed in (("--runners", args.runners, RUNNERS), ("--phases", args.phases, ("train", "infer"))):
-        bad = [v for v in values.split(",") if v not in allowed]
-        if bad or not values:
-            p.error(f"{name}: {','.join(bad) or 'nothing'} not in {','.join(allowed)}")
-    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.batch_size < 1:
-        p.error("--steps, --rounds and --batch-size must be positive and --warmup not negative")
-    return args
+class BenchmarkError(ValueError):
+    """A bad `convmixer benchmark` option; the message names it and the fix."""
 
 
-def build_setups(args: argparse.Namespace, device: torch.device) -> tuple[Setup, Setup]:
-    """The configured setup and the official script's on this device."""
-    arch = dict(VARIANTS[args.variant])
-    for key in ("dim", "depth", "kernel_size", "patch_size", "num_classes"):
-        if getattr(args, key) is not None:
-            arch[key] = getattr(args, key)
+def _choices(name: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+    chosen = value.split(",")
+    if not value or any(v not in allowed for v in chosen):
+        raise BenchmarkError(f"--{name} {value!r}: give a comma-separated subset of {','.join(allowed)}")
+    return chosen
+
+
+def benchmark(
+    variant: str = "convmixer_256_8", dim: int | None = None, depth: int | None = None,
+    kernel_size: int | None = None, patch_size: int | None = None, num_classes: int | None = None,
+    image_size: int | None = None, batch_size: int = 64,
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true", channels_last: bool | None = None,
+    compile: bool = False, compile_mode: str = "default", grad_checkpointing: Literal["off", "on", "both"] = "off",
+    cudnn_benchmark: bool = False, stock_depthwise: bool = False, device: str = "auto", threads: int | None = None,
+    steps: int = 20, warmup: int = 5, rounds: int = 1, runners: str = "lightning,plain,official",
+    phases: str = "train,infer", augmentation: Literal["none", "script", "25ep", "crop"] = "none",
+    output: str | None = None,
+) -> Path | None:
+    """Training and inference speed of a ConvMixer: Lightning, a plain loop and the official script's settings.
+
+    Args:
+        variant: Named architecture (convmixer_pl.model.VARIANTS); the options below override its values.
+        dim: Channels.
+        depth: Blocks.
+        kernel_size: Depthwise kernel size.
+        patch_size: Patch size.
+        num_classes: Classes.
+        image_size: Input size (default 32 for 10-class variants, else 224).
+        batch_size: Images per step.
+        precision: Lightning's precision; the plain loop uses the same autocast.
+        channels_last: Channels-last memory format; null: the training default (model.channels_last null).
+        compile: torch.compile the network.
+        compile_mode: torch.compile mode.
+        grad_checkpointing: Activation checkpointing in training: off, on, or both (measured each way).
+        cudnn_benchmark: cuDNN autotuning.
+        stock_depthwise: Our runners use nn.Conv2d's depthwise backward, not convmixer_pl.depthwise's CPU weight
+            gradient (the official runner always does).
+        device: auto (cuda if present), cpu, cuda or cuda:N.
+        threads: torch.set_num_threads (default: torch's own choice).
+        steps: Timed steps per run.
+        warmup: Untimed steps before them (compilation happens here).
+        rounds: Repeat every run, the runners taking turns, for paired ratios.
+        runners: Comma-separated subset of lightning,plain,official.
+        phases: Comma-separated subset of train,infer.
+        augmentation: Also time a CIFAR augmentation, per image (torchvision, one process) against batched on the
+            device: script (the official script's), 25ep (its 25-epoch recipe's) or crop (crop, flip, erasing).
+        output: Also write every figure and step time to this JSON file.
+    """
+    runner_list, phase_list = _choices("runners", runners, RUNNERS), _choices("phases", phases, PHASES)
+    if variant not in VARIANTS:
+        raise BenchmarkError(f"--variant {variant!r}: choose one of {', '.join(sorted(VARIANTS))}")
+    if min(steps, rounds, batch_size) < 1 or warmup < 0:
+        raise BenchmarkError(f"--steps {steps}, --rounds {rounds} and --batch_size {batch_size} must be at least 1 "
+                             f"and --warmup {warmup} at least 0")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto"
+                       else device)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(log_every_n_steps|does not have many workers|no `val_dataloader`"
+                                              r"|LeafSpec)")
+    arch = {**VARIANTS[variant], **{k: v for k, v in dict(dim=dim, depth=depth, kernel_size=kernel_size,
+                                                           patch_size=patch_size, num_classes=num_classes).items()
+                                     if v is not None}}
     arch.setdefault("num_classes", 1000)
-    image_size = args.image_size or (32 if arch["num_classes"] == 10 else 224)
-    setting = {"auto": None, "on": True, "off": False}[args.channels_last]
-    setup = Setup(arch, image_size, args.batch_size, args.precision,
-                  use_channels_last(setting, device, arch["kernel_size"]), args.compile, args.compile_mode,
-                  args.grad_checkpointing == "on", args.cudnn_benchmark)
-    official = replace(setup, precision="16-mixed" if device.type == "cuda" else "32-true", channels_last=False,
+    size = image_size or (32 if arch["num_classes"] == 10 else 224)
+    setup = Setup(arch, size, batch_size, precision, use_channels_last(channels_last, dev, arch["kernel_size"]),
+                  compile, compile_mode, grad_checkpointing == "on", cudnn_benchmark, not stock_depthwise)
+    official = replace(setup, precision="16-mixed" if dev.type == "cuda" else "32-true", channels_last=False,
                        compile=False, grad_checkpointing=False, fast_depthwise_grad=False)
-    return setup, official
+    ckpt_settings = {"off": [False], "on": [True], "both": [False, True]}[grad_checkpointing]
+    plan = [(runner, ckpt, phase) for runner in runner_list for ckpt in ([False] if runner == "official" else
+                                                                           ckpt_settings)
+            for phase in phase_list if not (phase == "infer" and ckpt and len(ckpt_settings) > 1)]
+    figures: dict[tuple, list[Figure]] = {key: [] for key in plan}
+    peaks: dict[tuple, list[float]] = {key: [] for key in plan}
+    pool = make_pool(setup, dev)
+    for _ in range(rounds):
+        for runner, ckpt, phase in plan:
+            base = official if runner == "official" else replace(setup, grad_checkpointing=ckpt)
+            figure, peak = measure("lightning" if runner == "lightning" else "plain", phase, base, dev, pool,
+                                   warmup, steps)
+            figures[runner, ckpt, phase].append(figure)
+            if peak is not None:
+                peaks[runner, ckpt, phase].append(peak)
+    _print_header(variant, setup, official, dev, channels_last, steps, warmup, rounds)
+    rows = _table(figures, peaks)
+    ratios = _ratios(figures, ckpt_settings)
+    augment = None if augmentation == "none" else _augmentation(augmentation, dev, batch_size)
+    if output is None:
+        return None
+    result = {"settings": dict(variant=variant, steps=steps, warmup=warmup, rounds=rounds), "setup": asdict(setup),
+              "official": asdict(official), "device": _device_name(dev), "memory": PeakMemory.kind_of(dev),
+              "rows": rows, "ratios": ratios, "augmentation": augment}
+    with atomic_write(output) as f:
+        json.dump(result, f, indent=1)
+    return Path(output)
 
 
-def plan_runs(args: argparse.Namespace, setup: Setup, official: Setup, ckpt_settings: list[bool]
-              ) -> tuple[list[Result], list[tuple[Result, str, str, Setup]]]:
-    """One Result per (runner, checkpointing), and the (result, runner kind, phase, setup) runs, in the order they
-    run; inference never uses checkpointing, so it runs once."""
-    plan: list[tuple[Result, str, str, Setup]] = []
-    results: list[Result] = []
-    for runner in args.runners.split(","):
-        for ckpt in ([False] if runner == "official" else ckpt_settings):
-            result = Result(runner, ckpt)
-            results.append(result)
-            base = official if runner == "official" else replace(setup, grad_checkpointing=ckpt,
-                                                                 fast_depthwise_grad=not args.stock_depthwise)
-            for phase in args.phases.split(","):
-                if phase == "infer" and ckpt and len(ckpt_settings) > 1:
-                    continue
-                plan.append((result, "lightning" if runner == "lightning" else "plain", phase, base))
-    return results, plan
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
-def print_header(args: argparse.Namespace, setup: Setup, official: Setup, device: torch.device,
-                 other_cpu: list[float], limit: float) -> None:
-    a = setup.arch
+def _print_header(variant: str, setup: Setup, official: Setup, device: torch.device, channels_last: bool | None,
+                  steps: int, warmup: int, rounds: int) -> None:
+    a, on = setup.arch, {True: "on", False: "off"}
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"model: {args.variant} dim={a['dim']} depth={a['depth']} kernel={a['kernel_size']} "
-          f"patch={a['patch_size']} classes={a['num_classes']}, {setup.image_size}x{setup.image_size}, "
-          f"batch {setup.batch_size}")
-    on_off = {True: "on", False: "off"}
-    print(f"settings: precision {setup.precision}, channels_last {on_off[setup.channels_last]}"
-          f"{' (auto)' if args.channels_last == 'auto' else ''}, compile "
-          f"{setup.compile_mode if setup.compile else 'off'}, cudnn_benchmark {on_off[setup.cudnn_benchmark]}")
-    print(f"device: {name}{threads}; {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} round(s); "
-          f"torch {torch.__version__}")
-    print(f"official: the plain loop in NCHW, eager, precision {official.precision}, nn.Conv2d's depthwise "
-          f"backward (the official script on {device.type})")
-    if device.type == "cpu":
-        which = "nn.Conv2d's (--stock-depthwise)" if args.stock_depthwise else "convmixer_pl.depthwise's"
-        print(f"depthwise weight gradient of lightning and plain: {which}")
-    print(f"memory: {PeakMemory.kind_of(device)}, peak during the timed steps above the memory in use before the "
-          "phase (MiB)")
-    if other_cpu:
-        print(f"other processes kept {statistics.median(other_cpu):.2f} of {os.cpu_count()} CPUs busy per step "
-              f"(median; max {max(other_cpu):.2f}); they slow steps down and add noise")
-        if limit != float("inf"):
-            print(f"figures leave out steps during which other processes kept more than {limit:g} CPUs busy; "
-                  "[kept/all] marks where that happened")
+    print(f"model: {variant} dim={a['dim']} depth={a['depth']} kernel={a['kernel_size']} patch={a['patch_size']} "
+          f"classes={a['num_classes']}, {setup.image_size}x{setup.image_size}, batch {setup.batch_size}")
+    print(f"settings: precision {setup.precision}, channels_last {on[setup.channels_last]}"
+          f"{' (default)' if channels_last is None else ''}, compile {setup.compile_mode if setup.compile else 'off'}"
+          f", cudnn_benchmark {on[setup.cudnn_benchmark]}, depthwise weight gradient: "
+          f"{'convmixer_pl.depthwise' if setup.fast_depthwise_grad else 'nn.Conv2d'}")
+    print(f"official: the plain loop in NCHW, eager, precision {official.precision}, nn.Conv2d's depthwise backward "
+          f"(the official script on {device.type})")
+    print(f"device: {_device_name(device)}{threads}, torch {torch.__version__}; {steps} timed steps after {warmup} "
+          f"warm-up per run, {rounds} round(s), every timed step kept")
+    print(f"figures: per-step images/s, median and 25th-75th percentiles; others CPUs: how many of the {os.cpu_count()}"
+          f" CPUs other processes kept busy meanwhile; peak memory: {PeakMemory.kind_of(device)} above the memory in "
+          "use before, MiB\n")
+
+
+def _table(figures: dict[tuple, list[Figure]], peaks: dict[tuple, list[float]]) -> list[dict]:
+    print(f"{'runner':<10} {'grad_ckpt':<9} {'phase':<6} {'images/s':>9} {'p25-p75':>17} {'steps':>5} "
+          f"{'others CPUs':>11} {'peak MiB':>9}")
+    rows = []
+    for (runner, ckpt, phase), rounds in figures.items():
+        merged, mib = Figure.merged(rounds), peaks[runner, ckpt, phase]
+        peak = statistics.median(mib) if mib else None
+        low, median, high = merged.rates()
+        print(f"{runner:<10} {'on' if ckpt else 'off':<9} {phase:<6} {median:>9.1f} {f'{low:.1f}-{high:.1f}':>17} "
+              f"{len(merged.seconds):>5} {merged.load_text():>11} {'unknown' if peak is None else f'{peak:.1f}':>9}")
+        rows.append(dict(runner=runner, grad_checkpointing=ckpt, phase=phase, images_per_sec=median,
+                         images_per_sec_p25=low, images_per_sec_p75=high, steps=len(merged.seconds),
+                         other_cpus=merged.others, peak_mib=peak, step_seconds=[f.seconds for f in rounds]))
     print()
+    return rows
 
 
-def print_table(results: list[Result], kept: dict, batch_size: int) -> None:
-    print(f"{'runner':<10} {'grad_ckpt':<9} {'train images/s (p25-p75)':>34} {'inference images/s (p25-p75)':>34} "
-          f"{'train peak MiB':>15} {'inference peak MiB':>19}")
-    for r in results:
-        rates = [rate_text(batch_size, kept[id(r), phase], sum(map(len, getattr(r, f"{phase}_steps"))))
-                 for phase in ("train", "infer")]
-        print(f"{r.runner:<10} {'on' if r.grad_checkpointing else 'off':<9} {rates[0]:>34} {rates[1]:>34} "
-              f"{mib_text(r.train_peak_mib):>15} {mib_text(r.infer_peak_mib):>19}")
-    print()
-
-
-def print_ratios(results: list[Result], kept: dict, ckpt_settings: list[bool]) -> None:
-    by_key = {(r.runner, r.grad_checkpointing): r for r in results}
+def _ratios(figures: dict[tuple, list[Figure]], ckpt_settings: list[bool]) -> dict[str, float]:
+    ratios = {}
     for ckpt in ckpt_settings:
         for top, bottom in (("lightning", "plain"), ("lightning", "official"), ("plain", "official")):
-            ours = by_key.get((top, ckpt))
-            ref = by_key.get((bottom, False if bottom == "official" else ckpt))
-            if ours is None or ref is None:
-                continue
-            ratios = []
+            said = []
             for phase, label in (("train", "train"), ("infer", "inference")):
-                # paired by round: both ran minutes apart at most, under similar conditions
-                ratio = paired_ratio(kept[id(ours), phase], kept[id(ref), phase])
-                if ratio is not None:
-                    ratios.append(f"{label} {ratio:.2f}x")
-            if ratios:
-                suffix = " (grad_ckpt on)" if ckpt else ""
-                print(f"ratio {top}/{bottom}{suffix}: {', '.join(ratios)}")
+                mine = figures.get((top, ckpt, phase))
+                theirs = figures.get((bottom, ckpt and bottom != "official", phase))
+                if mine and theirs:
+                    key = f"{top}/{bottom}{' grad_ckpt' if ckpt else ''} {phase}"
+                    ratios[key] = paired_ratio(mine, theirs)
+                    said.append(f"{label} {ratios[key]:.2f}x")
+            if said:
+                print(f"ratio {top}/{bottom}{' (grad_ckpt on)' if ckpt else ''}: {', '.join(said)}")
+    return ratios
 
 
-def main(argv: list[str] | None = None) -> list[Result]:
-    args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*(log_every_n_steps|does not have many workers|"
-                                              r"no `val_dataloader`|LeafSpec).*")
-    setup, official = build_setups(args, device)
-    ckpt_settings = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
-    results, plan = plan_runs(args, setup, official, ckpt_settings)
-    pool = make_pool(setup, device)
-    for _ in range(args.rounds):
-        for result, kind, phase, base in plan:
-            steps, others, peak = measure(kind, phase, base, device, pool, args.warmup, args.steps)
-            getattr(result, f"{phase}_steps").append(steps)
-            getattr(result, f"{phase}_others").append(others)
-            getattr(result, f"{phase}_peak_mib").append(peak)
-    limit = args.quiet_cpus if device.type == "cpu" else float("inf")
-    kept = {(id(r), phase): quiet_steps(getattr(r, f"{phase}_steps"), getattr(r, f"{phase}_others"), limit)
-            for r in results for phase in ("train", "infer")}
-    other_cpu = [o for r in results for phase in ("train", "infer") for rnd in getattr(r, f"{phase}_others")
-                 for o in rnd if o == o]
-    print_header(args, setup, official, device, other_cpu, limit)
-    print_table(results, kept, setup.batch_size)
-    print_ratios(results, kept, ckpt_settings)
-    augmentation = None
-    if args.augmentation:
-        augmentation = augmentation_rates(device, setup.batch_size)
-        print(f"augmentation (the CIFAR-10 script's, 32 px), images/s: per-image torchvision "
-              f"{augmentation[0]:.0f} (one process), batched on {device.type} {augmentation[1]:.0f} "
-              f"(batch {setup.batch_size})")
-    if args.json:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "setup": asdict(setup), "official": asdict(official),
-                       "device": name, "memory": PeakMemory.kind_of(device), "augmentation_images_per_sec":
-                       augmentation, "quiet_cpus": None if limit == float("inf") else limit,
-                       "results": [asdict(r) for r in results]}, f, indent=1)
-    return results
+def _augmentation(name: str, device: torch.device, batch_size: int) -> dict[str, dict]:
+    per_image, batched = augmentation_rates(AUGMENTATIONS[name], device, batch_size)
+    print(f"augmentation {name} (CIFAR, 32 px), images/s: per-image torchvision {per_image.text('blocks')} "
+          f"(one process), batched on {device.type} {batched.text('blocks')} (batch {batch_size})")
+    return {side: {"images_per_sec": f.rates()[1], "seconds": f.seconds, "other_cpus": f.others}
+            for side, f in (("per_image", per_image), ("batched", batched))}
 
 
-__all__ = ["Clock", "PeakMemory", "main", "paired_ratio", "quiet_steps"]
+__all__ = ["BenchmarkError", "Clock", "Figure", "PeakMemory", "benchmark", "cpu_name", "paired_ratio",
+           "run_metrics", "sync", "time_calls"]

@@ -1,8 +1,10 @@
-"""Measuring a phase of the benchmark: per-step times from timestamps taken inside the loops, the CPUs other
-processes kept busy meanwhile (a shared machine's noise), and peak memory; and the figures made from them.
+"""How speed is measured: per-step wall times stamped inside the loops (the device synchronised at every stamp),
+per-call times (`torch.utils.benchmark`), the CPUs other processes kept busy meanwhile, peak memory, each figure
+with its noise; and the metrics a run logged.
 
-(`torch.utils.benchmark.Timer` times a statement it runs itself; these steps run inside Lightning's loop and a plain
-loop, so the timestamps come from hooks in them.)
+A figure is the median over every timed step, the 25th-75th percentiles beside it, the number of steps, and the
+CPUs that other processes kept busy over the same window. No step is left out for being slow: on a busy machine
+the spread and the load say how far to trust the median.
 """
 
 from __future__ import annotations
@@ -13,13 +15,122 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch.utils import benchmark as torch_benchmark
+
+from ..plots import read_metrics
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, the instruction set torch uses on it and the CPU count: `AMD EPYC (AVX512, 2 CPUs)`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
+    except OSError:
+        name = "CPU"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs)"
+
+
+def _busy_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far; None without /proc/stat. Time
+    a hypervisor stole counts as busy: it is contention too."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    return ((user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"),
+            own.user + own.system)
+
+
+Stamp = tuple[float, tuple[float, float] | None]  # (perf_counter, _busy_seconds())
+
+
+def load_stamp() -> Stamp:
+    return time.perf_counter(), _busy_seconds()
+
+
+def other_cpus(start: Stamp, end: Stamp) -> float | None:
+    """CPUs other processes kept busy between two `load_stamp()`s; None where unknown (no /proc/stat, or less than
+    50 ms apart: /proc/stat counts 10 ms ticks)."""
+    (t0, c0), (t1, c1) = start, end
+    if c0 is None or c1 is None or t1 - t0 < 0.05:
+        return None
+    return max(0.0, (c1[0] - c0[0]) - (c1[1] - c0[1])) / (t1 - t0)
+
+
+@dataclass
+class Figure:
+    """One measurement: seconds per step (or call), the items (images) each handles, other processes' CPU load."""
+
+    seconds: list[float]
+    items: int
+    others: float | None = None
+
+    def rates(self) -> tuple[float, float, float]:
+        """Per-step items/s: the 25th percentile, the median and the 75th percentile."""
+        r = [self.items / s for s in self.seconds]
+        return tuple(statistics.quantiles(r, n=4, method="inclusive")) if len(r) > 1 else (r[0],) * 3
+
+    def load_text(self) -> str:
+        return "unknown" if self.others is None else f"{self.others:.2f}"
+
+    def text(self, unit: str = "steps") -> str:
+        low, median, high = self.rates()
+        return (f"{median:.1f} (p25-p75 {low:.1f}-{high:.1f}, {len(self.seconds)} {unit}, others' CPUs "
+                f"{self.load_text()})")
+
+    @staticmethod
+    def merged(figures: list[Figure]) -> Figure:
+        """Every round's steps together; the load averaged over the rounds that know it."""
+        loads = [f.others for f in figures if f.others is not None]
+        return Figure([s for f in figures for s in f.seconds], figures[0].items,
+                      statistics.fmean(loads) if loads else None)
+
+
+def time_calls(fn: Callable[[], object], items: int, min_seconds: float = 0.5) -> Figure:
+    """`fn()` timed by `torch.utils.benchmark` (blocks of calls, CUDA synchronised) after one warm-up call, on all of
+    torch's threads (its Timer defaults to one)."""
+    fn()
+    start = load_stamp()
+    timer = torch_benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_seconds)
+    return Figure(list(measurement.times), items, other_cpus(start, load_stamp()))
+
+
+class Clock:
+    """Stamps at the start of each step (and one after the last); the steps after `warmup` are timed."""
+
+    def __init__(self, device: torch.device, warmup: int, on_warm: Callable[[], None]) -> None:
+        self.device, self.warmup, self.on_warm = device, warmup, on_warm
+        self.stamps: list[Stamp] = []
+
+    def tick(self) -> None:
+        sync(self.device)
+        if len(self.stamps) == self.warmup:
+            self.on_warm()
+        self.stamps.append(load_stamp())
+
+    def figure(self, items: int) -> Figure:
+        timed = self.stamps[self.warmup:]
+        seconds = [b[0] - a[0] for a, b in zip(timed, timed[1:])]  # noqa: B905 (lengths differ by one)
+        return Figure(seconds, items, other_cpus(timed[0], timed[-1]))
+
+
+def paired_ratio(mine: list[Figure], theirs: list[Figure]) -> float:
+    """How many times faster `mine` ran: the median over rounds of (their median step time / mine), so that a slow
+    spell of a shared machine, which hits both runs of a round alike, cancels out."""
+    return statistics.median(statistics.median(t.seconds) / statistics.median(m.seconds)
+                             for m, t in zip(mine, theirs, strict=True))
 
 
 def _proc_status_kib(key: str) -> int:
@@ -31,24 +142,23 @@ def _proc_status_kib(key: str) -> int:
 
 
 class PeakMemory:
-    """Peak memory of a phase above the memory in use when `start()` was called; see the module docstring."""
+    """Peak memory above what was in use at `start()`: `torch.cuda.max_memory_allocated` on a GPU; on the CPU the
+    process's peak resident set (VmHWM, reset through /proc/self/clear_refs after malloc_trim hands freed heap
+    back), which also counts what the allocator keeps, so it is coarser than the CUDA figure."""
 
     @staticmethod
     def kind_of(device: torch.device) -> str:
         return "CUDA max_memory_allocated" if device.type == "cuda" else "CPU peak RSS (VmHWM)"
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.base = 0
-        self.kind = self.kind_of(device)
-        self.available = device.type == "cuda" or self._can_reset_rss()
+        self.device, self.base = device, 0
+        self.available = device.type == "cuda" or self._reset_rss_peak()
 
     @staticmethod
-    def _can_reset_rss() -> bool:
+    def _reset_rss_peak() -> bool:
         try:
             with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            _proc_status_kib("VmHWM")
+                f.write("5")  # resets VmHWM to the current RSS
             return True
         except OSError:
             return False
@@ -56,8 +166,7 @@ class PeakMemory:
     def start(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
-            sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            self.reset_peak()
             self.base = torch.cuda.memory_allocated(self.device)
         elif self.available:
             try:  # hand freed heap back to the OS so the baseline is what is really in use
@@ -67,85 +176,22 @@ class PeakMemory:
             self.base = _proc_status_kib("VmRSS") * 1024
 
     def reset_peak(self) -> None:
-        """Forget the peak so far (the warm-up's) and keep measuring from here, against the same baseline."""
+        """Forget the peak so far (the warm-up's), against the same baseline."""
         if self.device.type == "cuda":
             sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.available:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
+            self._reset_rss_peak()
 
-    def peak_mib(self) -> float:
+    def peak_mib(self) -> float | None:
         if self.device.type == "cuda":
             sync(self.device)
             return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
-        if not self.available:
-            return float("nan")
-        return (_proc_status_kib("VmHWM") * 1024 - self.base) / 2**20
+        return (_proc_status_kib("VmHWM") * 1024 - self.base) / 2**20 if self.available else None
 
 
-def _cpu_seconds() -> tuple[float, float] | None:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far; None where /proc/stat is
-    missing. Time stolen by a hypervisor counts as busy: it is contention too."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    except (OSError, ValueError):
-        return None
-    own = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-class Clock:
-    """Timestamps at the start of each step; the step times are the gaps between them after the warm-up."""
-
-    def __init__(self, device: torch.device, warmup: int, on_warm: Callable[[], None]) -> None:
-        self.device, self.warmup, self.on_warm = device, warmup, on_warm
-        self.stamps: list[float] = []
-        self.cpu: list[tuple[float, float] | None] = []
-
-    def tick(self) -> None:
-        sync(self.device)
-        if len(self.stamps) == self.warmup:
-            self.on_warm()
-        self.stamps.append(time.perf_counter())
-        self.cpu.append(_cpu_seconds())
-
-    def steps(self) -> list[float]:
-        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]  # noqa: B905 (lengths differ by one)
-        return gaps[self.warmup:]
-
-    def others(self) -> list[float]:
-        """CPUs that other processes kept busy during each timed step (NaN where unknown: no /proc/stat, or a
-        step too short to tell)."""
-        out = []
-        for (t0, c0), (t1, c1) in zip(zip(self.stamps, self.cpu), zip(self.stamps[1:], self.cpu[1:])):  # noqa: B905
-            if c0 is None or c1 is None or t1 - t0 < 0.05:  # /proc/stat counts 10 ms ticks: too coarse below
-                out.append(float("nan"))
-            else:
-                out.append(max(0.0, (c1[0] - c0[0]) - (c1[1] - c0[1])) / (t1 - t0))
-        return out[self.warmup:]
-
-
-def quiet_steps(steps: list[list[float]], others: list[list[float]], limit: float) -> list[list[float]]:
-    """Per round, the steps during which other processes stayed at or below `limit` CPUs."""
-    return [[t for t, o in zip(ts, os_, strict=True) if not o > limit] for ts, os_ in zip(steps, others, strict=True)]
-
-
-def rate_text(batch: int, rounds: list[list[float]], total: int) -> str:
-    steps = [t for r in rounds for t in r]
-    if not steps:
-        return "-" if not total else f"- (0/{total})"
-    q = statistics.quantiles(steps, n=4) if len(steps) > 1 else [steps[0]] * 3
-    kept = "" if len(steps) == total else f" [{len(steps)}/{total}]"
-    return f"{batch / statistics.median(steps):.1f} ({batch / q[2]:.1f}-{batch / q[0]:.1f}){kept}"
-
-
-def paired_ratio(mine: list[list[float]], theirs: list[list[float]]) -> float | None:
-    """Median over rounds of (their median step time / mine), rounds where both kept steps."""
-    ratios = [statistics.median(t) / statistics.median(m) for m, t in zip(mine, theirs, strict=False) if m and t]
-    return statistics.median(ratios) if ratios else None
-
-
-def mib_text(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f}" if values else "-"
+def run_metrics(run_dir: str | os.PathLike) -> dict[str, dict[int, float]]:
+    """What a `convmixer fit`/`test` run logged by epoch, from the newest `lightning_logs/version_N/metrics.csv`
+    under `run_dir` (`plots.read_metrics`): {metric: {epoch: value}}; {} before any log."""
+    logs = sorted(Path(run_dir).glob("lightning_logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    return {key: dict(values) for key, values in read_metrics(logs[-1]).items()} if logs else {}

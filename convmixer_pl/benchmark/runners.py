@@ -4,20 +4,26 @@ on the device; and the CIFAR augmentation, per image and batched."""
 
 from __future__ import annotations
 
-import time
+import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..data import CIFAR_MEAN, CIFAR_SCRIPT, CIFAR_STD, Augmentation
+from ..data.device import BatchAugment
 from ..model import ConvMixer
 from ..module import one_cycle
-from .measure import Clock, PeakMemory, sync
+from ..preprocessing import DataConfig
+from .measure import Clock, Figure, PeakMemory, time_calls
 
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
-RUNNERS = ("lightning", "plain", "official")
 LABEL_SMOOTHING, LR, WEIGHT_DECAY, OPT_EPS = 0.1, 0.01, 0.01, 1e-3  # ConvMixerClassifier's defaults
+AUGMENTATIONS = {  # CIFAR training augmentations to time
+    "script": CIFAR_SCRIPT,  # the official script's: crop 0.75-1, flip, RandAugment n1 m8, ColorJitter 0.1, erasing
+    "25ep": Augmentation(scale=(1.0, 1.0), ratio=(1.0, 1.0), ra_num_ops=2, ra_magnitude=12),  # its 25-epoch recipe
+    "crop": Augmentation(scale=(0.75, 1.0), ratio=(1.0, 1.0), re_prob=0.25),  # crop, flip and erasing only
+}
 
 
 @dataclass(frozen=True)
@@ -33,20 +39,7 @@ class Setup:
     compile_mode: str
     grad_checkpointing: bool
     cudnn_benchmark: bool
-    fast_depthwise_grad: bool = True  # False: nn.Conv2d's depthwise backward (the official runner, --stock-depthwise)
-
-
-@dataclass
-class Result:
-    runner: str
-    grad_checkpointing: bool
-    # per round: the step times (s), and the CPUs other processes kept busy during each step
-    train_steps: list[list[float]] = field(default_factory=list)
-    infer_steps: list[list[float]] = field(default_factory=list)
-    train_others: list[list[float]] = field(default_factory=list)
-    infer_others: list[list[float]] = field(default_factory=list)
-    train_peak_mib: list[float] = field(default_factory=list)
-    infer_peak_mib: list[float] = field(default_factory=list)
+    fast_depthwise_grad: bool = True  # False: nn.Conv2d's depthwise backward (the official settings, stock_depthwise)
 
 
 class Batches:
@@ -59,8 +52,7 @@ class Batches:
         return self.n
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(self.n):
-            yield self.pool[i % len(self.pool)]
+        return (self.pool[i % len(self.pool)] for i in range(self.n))
 
 
 def make_pool(setup: Setup, device: torch.device, size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -79,8 +71,7 @@ def _autocast(setup: Setup, device: torch.device):
 def _plain_model(setup: Setup, device: torch.device) -> ConvMixer:
     torch.manual_seed(0)
     model = ConvMixer(**setup.arch, image_size=setup.image_size, grad_checkpointing=setup.grad_checkpointing,
-                      fast_depthwise_grad=setup.fast_depthwise_grad)
-    model.to(device)
+                      fast_depthwise_grad=setup.fast_depthwise_grad).to(device)
     if setup.channels_last:
         model.to(memory_format=torch.channels_last)
     if setup.compile:
@@ -98,22 +89,20 @@ def plain_train(setup: Setup, device: torch.device, batches: Batches, clock: Clo
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                              {"params": no_decay, "weight_decay": 0.0}], lr=LR, eps=OPT_EPS)
-    total = len(batches)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle(step + 1, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle(step + 1, len(batches)))
     scaler = torch.amp.GradScaler(device.type, enabled=setup.precision == "16-mixed")
     train_loss = train_acc = 0.0
     for x, y in batches:
         clock.tick()
-        x = _to_input(x, setup)
         opt.zero_grad(set_to_none=True)
         with _autocast(setup, device):
-            output = model(x)
+            output = model(_to_input(x, setup))
             loss = F.cross_entropy(output, y, label_smoothing=LABEL_SMOOTHING)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         sched.step()
-        train_loss += loss.item() * y.size(0)
+        train_loss += loss.item() * y.size(0)  # the official loop's per-step host syncs
         train_acc += (output.argmax(1) == y).sum().item()
     clock.tick()
 
@@ -137,18 +126,10 @@ def _lightning(setup: Setup, device: torch.device, clock: Clock, max_steps: int 
         def on_train_batch_start(self, *args, **kwargs) -> None:
             clock.tick()
 
-        def on_train_end(self, *args, **kwargs) -> None:
-            clock.tick()
-
-        def on_predict_batch_start(self, *args, **kwargs) -> None:
-            clock.tick()
-
-        def on_predict_end(self, *args, **kwargs) -> None:
-            clock.tick()
+        on_predict_batch_start = on_train_end = on_predict_end = on_train_batch_start
 
     torch.manual_seed(0)
-    arch = dict(setup.arch)
-    module = ConvMixerClassifier(**arch, image_size=setup.image_size, label_smoothing=LABEL_SMOOTHING, lr=LR,
+    module = ConvMixerClassifier(**setup.arch, image_size=setup.image_size, label_smoothing=LABEL_SMOOTHING, lr=LR,
                                  weight_decay=WEIGHT_DECAY, opt_eps=OPT_EPS, channels_last=setup.channels_last,
                                  compile=setup.compile, compile_mode=setup.compile_mode,
                                  grad_checkpointing=setup.grad_checkpointing,
@@ -173,40 +154,33 @@ def lightning_infer(setup: Setup, device: torch.device, batches: Batches, clock:
     trainer.predict(module, dataloaders=batches, return_predictions=False)
 
 
-def measure(runner: str, phase: str, setup: Setup, device: torch.device, pool, warmup: int, steps: int
-            ) -> tuple[list[float], list[float], float]:
-    """Step times (s), the other processes' CPU use during each (CPUs), and peak memory (MiB) of one run."""
+RUNS = {("lightning", "train"): lightning_train, ("lightning", "infer"): lightning_infer,
+        ("plain", "train"): plain_train, ("plain", "infer"): plain_infer}
+
+
+def measure(loop: str, phase: str, setup: Setup, device: torch.device, pool, warmup: int, steps: int
+            ) -> tuple[Figure, float | None]:
+    """The timed steps of one run of `loop` (lightning or plain) and its peak memory (MiB)."""
     if setup.compile:
         torch._dynamo.reset()  # every run compiles its own model: no run profits from another's cache
-    fn = {("lightning", "train"): lightning_train, ("lightning", "infer"): lightning_infer,
-          ("plain", "train"): plain_train, ("plain", "infer"): plain_infer}[(runner, phase)]
     memory = PeakMemory(device)
     clock = Clock(device, warmup, on_warm=memory.reset_peak)
     memory.start()
-    fn(setup, device, Batches(pool, warmup + steps), clock)
-    return clock.steps(), clock.others(), memory.peak_mib()
+    RUNS[loop, phase](setup, device, Batches(pool, warmup + steps), clock)
+    return clock.figure(setup.batch_size), memory.peak_mib()
 
 
-def augmentation_rates(device: torch.device, batch_size: int, n: int = 2048) -> tuple[float, float]:
-    """images/s of the CIFAR-10 script's training augmentation (`CIFAR_SCRIPT`: crop 0.75-1, flip, RandAugment n1
-    m8, ColorJitter 0.1, erasing 0.25): torchvision's per-image pipeline in this process (a DataLoader worker's
-    work), and the batched device pipeline (`convmixer_pl.data.device`) on `device`."""
-    from ..data import CIFAR_MEAN, CIFAR_SCRIPT, CIFAR_STD
-    from ..data.device import BatchAugment
-
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    augment = CIFAR_SCRIPT
-    per_image = augment.train_transform(32, CIFAR_MEAN, CIFAR_STD)
-    start = time.perf_counter()
-    for image in images[: n // 4]:
-        per_image(image)
-    cpu_rate = (n // 4) / (time.perf_counter() - start)
-    batched = BatchAugment.from_augmentation(augment, 32, CIFAR_MEAN, CIFAR_STD)
-    on_device, generator = images.to(device), torch.Generator(device=device).manual_seed(0)
-    batched(on_device[:batch_size], generator)  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for i in range(0, n, batch_size):
-        batched(on_device[i:i + batch_size], generator)
-    sync(device)
-    return cpu_rate, n / (time.perf_counter() - start)
+def augmentation_rates(augment: Augmentation, device: torch.device, batch_size: int, min_seconds: float = 0.5
+                       ) -> tuple[Figure, Figure]:
+    """images/s of a CIFAR augmentation (32 px) on random images: torchvision's per-image pipeline in this process,
+    collated as a DataLoader does (one loader worker's work), and `BatchAugment` (the device pipeline) on whole
+    batches on `device`, reseeded per batch as its loader does."""
+    config = DataConfig(32, mean=CIFAR_MEAN, std=CIFAR_STD)
+    images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    per_image = augment.train_transform(config)
+    one_by_one = time_calls(lambda: torch.stack([per_image(image) for image in images]), batch_size, min_seconds)
+    batched = BatchAugment.from_augmentation(augment, config)
+    on_device, generator, seeds = images.to(device), torch.Generator(device=device), itertools.count()
+    return one_by_one, time_calls(lambda: batched(on_device, generator.manual_seed(next(seeds))), batch_size,
+                                  min_seconds)

@@ -42,7 +42,8 @@ def write_mixed_images(root: Path) -> list[Path]:
             image.convert(mode).save(path)
     (root / "notes.txt").write_text("not an image")
     (root / "a" / "._two.png").write_bytes(b"AppleDouble metadata, not an image")
-    return sorted(root / name for name, *_ in MIXED)
+    # in the order torchvision's ImageFolder lists files: folder by folder (sorted), names sorted within each
+    return sorted((root / name for name, *_ in MIXED), key=lambda path: (str(path.parent), path.name))
 
 
 def grey(path: Path) -> Image.Image:
@@ -59,7 +60,7 @@ def expected_top1(ckpt: Path, paths: list[Path]) -> list[tuple[str, float]]:
     with torch.no_grad():
         batch = torch.stack([transform(grey(path)) for path in paths])
         probs = module(batch).softmax(1)
-    names = module.hparams.class_names
+    names = module.class_names
     return [(names[int(i)], float(p)) for p, i in zip(*probs.max(1), strict=True)]
 
 
@@ -67,6 +68,11 @@ def elsewhere(tmp_path: Path) -> list[str]:
     """Checkpoint and log folders under tmp_path, for commands run in-process (in the repository's folder)."""
     return ["--checkpoint.dirpath", str(tmp_path / "run"), "--trainer.default_root_dir", str(tmp_path),
             "--trainer.enable_progress_bar", "false"]
+
+
+def folder(root: Path | str) -> list[str]:
+    """`predict` on a folder of images."""
+    return ["--data", "FolderPredictDataModule", "--data.root", str(root)]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -81,7 +87,8 @@ def test_folder_module_reads_mixed_images_as_the_model_expects(digits_run, tmp_p
     assert not any(hasattr(data, key) for key in ("num_classes", "in_chans", "image_size", "class_names", "mean"))
     # ... and takes the preprocessing from the model it predicts with
     model = load_module(digits_run / "last.ckpt")
-    assert model.data_config["input_size"] == (1, 8, 8) and model.class_names == [str(i) for i in range(10)]
+    config = model.data_config
+    assert (config.in_chans, config.image_size) == (1, 8) and model.class_names == [str(i) for i in range(10)]
     data.trainer = SimpleNamespace(lightning_module=model, world_size=1, global_rank=0,
                                    strategy=SimpleNamespace(root_device=torch.device("cpu")))
     data.setup("predict")
@@ -95,7 +102,7 @@ def test_folder_module_reads_mixed_images_as_the_model_expects(digits_run, tmp_p
 
 def test_predict_folder_writes_ordered_csv_and_json(digits_run, tmp_path):
     paths = write_mixed_images(tmp_path / "images")
-    main(["predict", "--ckpt_path", str(digits_run / "last.ckpt"), "--data", str(tmp_path / "images"),
+    main(["predict", "--ckpt_path", str(digits_run / "last.ckpt"), *folder(tmp_path / "images"),
           "--predictions.top_k", "3", "--predictions.json", "true", "--predictions.output", str(tmp_path / "p.csv"),
           "--data.batch_size", "3", *elsewhere(tmp_path)])
     rows = read_rows(tmp_path / "p.csv")
@@ -114,7 +121,7 @@ def test_predict_folder_writes_ordered_csv_and_json(digits_run, tmp_path):
 
 def test_predict_under_ddp_writes_one_complete_ordered_file(digits_run, tmp_path, convmixer):
     paths = write_mixed_images(tmp_path / "images")  # 9 images: the two ranks get uneven shares
-    result = convmixer("predict", "--ckpt_path", digits_run / "last.ckpt", "--data", "images",
+    result = convmixer("predict", "--ckpt_path", digits_run / "last.ckpt", *folder("images"),
                        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
                        "--data.batch_size", "3", "--predictions.output", "p.csv", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -141,7 +148,7 @@ def test_unreadable_image_is_a_one_line_error_naming_the_file(digits_run, tmp_pa
     write_mixed_images(tmp_path / "images")
     (tmp_path / "images" / "c" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "--ckpt_path", str(digits_run / "last.ckpt"), "--data", str(tmp_path / "images"),
+        main(["predict", "--ckpt_path", str(digits_run / "last.ckpt"), *folder(tmp_path / "images"),
               "--predictions.output", str(tmp_path / "p.csv"), *elsewhere(tmp_path)])
     assert exit_info.value.code == 2
     assert re.search(r"cannot read image \S*broken.png", capsys.readouterr().err)
@@ -151,8 +158,7 @@ def test_unreadable_image_is_a_one_line_error_naming_the_file(digits_run, tmp_pa
 def test_a_predict_that_fails_while_writing_leaves_the_previous_file(digits_run, tmp_path, capsys, monkeypatch):
     write_mixed_images(tmp_path / "images")
     output = tmp_path / "p.csv"
-    args = ["predict", "--ckpt_path", str(digits_run / "last.ckpt"), "--data", "FolderPredictDataModule",
-            "--data.root", str(tmp_path / "images"),
+    args = ["predict", "--ckpt_path", str(digits_run / "last.ckpt"), *folder(tmp_path / "images"),
             "--predictions.output", str(output), *elsewhere(tmp_path)]
     main(args)
     good = output.read_text()

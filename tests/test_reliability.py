@@ -128,13 +128,13 @@ def test_resume_matches_the_uninterrupted_run(data, reference, tmp_path, name, w
         assert value == pytest.approx(reference["logged"][key], rel=1e-6, abs=1e-7), (where, key)
 
 
-def test_gpu_pipeline_resumes_mid_epoch_exactly(cifar_root, tmp_path):
+def test_device_pipeline_resumes_mid_epoch_exactly(cifar_root, tmp_path):
     """CIFAR's device-resident loader (run on the CPU device here) resumes at the same batch with the same draws."""
     def fit(dirpath: Path, *extra: str) -> ConvMixerCLI:
         return ConvMixerCLI(args=[
             "fit", "--seed_everything", "0", "--data", "CIFARDataModule", "--data.root", str(cifar_root),
             "--data.verify_checksums", "false", "--data.val_fraction", "0.2", "--data.batch_size", "16",
-            "--data.gpu_pipeline", "true", "--data.augment.ra_num_ops", "0", "--data.augment.color_jitter", "0",
+            "--data.device_pipeline", "true", "--data.augment.ra_num_ops", "0", "--data.augment.color_jitter", "0",
             "--data.augment.mixup_alpha", "0.2", "--model.dim", "8", "--model.depth", "1", "--model.kernel_size", "3",
             "--model.patch_size", "4", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--plots.enabled", "false",

@@ -7,6 +7,7 @@ lose them)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any
@@ -160,8 +161,6 @@ def _kept(trainer, verb: str) -> str:
 
 def _save_beside_logs(trainer) -> str:
     """Without the run's checkpoint callback (a plain Trainer): last.ckpt in the run's root folder."""
-    import os
-
     path = os.path.join(trainer.default_root_dir, "last.ckpt")
     trainer.save_checkpoint(path, weights_only=False)
     return path

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import shlex
 import tempfile
 import time
 import traceback
@@ -201,7 +202,7 @@ def run_part(check: Check, name: str, fn, want_s: float, least_s: float, needs_c
 
 def gpu_check(tarball: str | None = None, out: str = "gpu_check", official_repo: str | None = None,
               budget_s: float = 480, workers: int | None = None, threads: int | None = None,
-              recipe_extra: tuple[str, ...] = (), work_dir: str | None = None, cpu_tiny: bool = False) -> Path:
+              recipe_extra: str = "", work_dir: str | None = None, cpu_tiny: bool = False) -> Path:
     """One check of convmixer-pl on a GPU with the real CIFAR-10 images, within a time budget.
 
     Args:
@@ -211,7 +212,7 @@ def gpu_check(tarball: str | None = None, out: str = "gpu_check", official_repo:
         budget_s: The whole check's seconds, extraction included.
         workers: Loader workers of every run (default: 8, or 0 with cpu_tiny).
         threads: OMP_NUM_THREADS of the subprocesses.
-        recipe_extra: More `convmixer fit` options for recipe_25ep, e.g. [--data.device_pipeline,true].
+        recipe_extra: More `convmixer fit` options for recipe_25ep, e.g. "--data.device_pipeline true".
         work_dir: Runs and logs (default: a new temporary folder).
         cpu_tiny: Every part in a tiny form on the CPU, convmixer in this process (for CI).
     """
@@ -226,8 +227,8 @@ def gpu_check(tarball: str | None = None, out: str = "gpu_check", official_repo:
     recipe = dataclasses.replace(official.Recipe(), epochs=1 if cpu_tiny else 2,
                                  workers=(0 if cpu_tiny else 8) if workers is None else workers,
                                  **(dict(hdim=16, depth=2, conv_ks=3, batch_size=16) if cpu_tiny else {}))
-    check = Check(work, root, cpu_tiny, device, start + budget_s, threads, official_repo, list(recipe_extra), recipe,
-                  2 if cpu_tiny else 40, official.count_images(root / "train"))
+    check = Check(work, root, cpu_tiny, device, start + budget_s, threads, official_repo, shlex.split(recipe_extra),
+                  recipe, 2 if cpu_tiny else 40, official.count_images(root / "train"))
     for part in PARTS:
         run_part(check, *part)
     cells = {name: e.get("reason") or ", ".join(f"{k} {v:.4g}" for k, v in e.items() if isinstance(v, float)

@@ -21,6 +21,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -83,8 +84,7 @@ class Recipe:
                 for word in (f"--{name.replace('_', '-')}", str(value))]
 
     def schedule_warning(self) -> str | None:
-        """The official breakpoints are epochs*2//5 and epochs*4//5 (integers), ours 2T/5 and 4T/5 of the steps:
-        the same only when epochs is a multiple of 5."""
+        """The official one-cycle breakpoints are integer epochs: the same as ours only for multiples of 5."""
         e = self.epochs
         return None if e % 5 == 0 else (
             f"epochs {e} is not a multiple of 5: the official one-cycle breakpoints are epochs {e * 2 // 5} and "
@@ -160,8 +160,7 @@ def patch_source(source: str, device: str) -> str:
 
 
 def image_root(tarball: str | None, root: str | None, work: Path) -> Path:
-    """An extracted folder with train/ and test/: `root` as it is, else `tarball` (or $CONVMIXER_CIFAR10_JPG)
-    extracted under `work`."""
+    """A folder with train/ and test/: `root`, else `tarball` (or $CONVMIXER_CIFAR10_JPG) extracted in `work`."""
     if root:
         return Path(root).resolve()
     tarball = tarball or os.environ.get(ENV_DATA)
@@ -188,8 +187,7 @@ def count_images(folder: Path) -> int:
 
 def subset_root(root: Path, n: int, seed: int, dest: Path) -> Path:
     """`dest` with `train/` linking a fixed seeded subset of `n` training images (stratified: each class gets
-    n // classes, the first n % classes one more) and `test/` linking the whole test set: every runner given it
-    trains on the same images."""
+    n // classes, the first n % classes one more) and `test/` linking the whole test set."""
     classes = sorted(c.name for c in (root / "train").iterdir() if c.is_dir())
     rng = random.Random(seed)
     for i, name in enumerate(classes):
@@ -439,7 +437,7 @@ def print_summary(summary: dict, ratios: dict) -> None:
 
 
 def side_by_side(tarball: str | None = None, data_root: str | None = None, official_repo: str | None = None,
-                 recipe: Recipe = Recipe(), ours: tuple[str, ...] = (), ours_test: bool = False,  # noqa: B008
+                 recipe: Recipe = Recipe(), ours: str = "", ours_test: bool = False,  # noqa: B008
                  seeds: tuple[int, ...] = (0,), runners: str = "official,ours", device: Literal["cpu", "cuda"] = "cpu",
                  threads: int | None = None, train_subset: int | None = None, subset_seed: int = 0,
                  time_budget_s: float | None = None, work_dir: str | None = None, output: str | None = None,
@@ -452,7 +450,7 @@ def side_by_side(tarball: str | None = None, data_root: str | None = None, offic
         official_repo: A clone of github.com/locuslab/convmixer-cifar10 (default: $CONVMIXER_OFFICIAL_REPO).
         recipe: The official script's flags, for both runners.
         ours: More `convmixer fit` options for our side, after the recipe's and bf16-mixed (which they
-            override), e.g. [--trainer.precision,32-true,--data.device_pipeline,true].
+            override), e.g. "--trainer.precision 32-true --data.device_pipeline true".
         ours_test: Also run `convmixer test --ckpt_path last` on our side and report its test/acc1.
         seeds: One run of each runner per seed.
         runners: Comma-separated subset of official,ours.
@@ -489,14 +487,15 @@ def side_by_side(tarball: str | None = None, data_root: str | None = None, offic
             runs["official"].append(run_official(source, recipe, root, work / "official", device, seed,
                                                           time_budget_s, threads))
         if "ours" in runs:
-            runs["ours"].append(run_ours(recipe, root, work, device, seed, ours, time_budget_s, threads, ours_test))
+            runs["ours"].append(run_ours(recipe, root, work, device, seed, shlex.split(ours), time_budget_s,
+                                         threads, ours_test))
         for name in runs:
             print(runs[name][-1].describe(), flush=True)
     summary = {name: {key: spread([getattr(r, key) for r in done]) for key in
                       ("wall_s", "train_images_per_sec", "final_test_acc")} for name, done in runs.items()}
     ratio = compare(summary["official"], summary["ours"]) if len(summary) == 2 else {}
     print_summary(summary, ratio)
-    result = {"recipe": dataclasses.asdict(recipe), "ours_options": list(ours), "seeds": list(seeds),
+    result = {"recipe": dataclasses.asdict(recipe), "ours_options": ours, "seeds": list(seeds),
               "data_root": str(root), "train_images": count_images(root / "train"), "official_script": origin,
               "runs": {name: [dataclasses.asdict(r) for r in done] for name, done in runs.items()},
               "summary": summary, "ratios": ratio, "machine": {"cpu": cpu_name(), "platform": platform.platform()}}

@@ -111,20 +111,7 @@ def benchmark(
     official = replace(setup, precision="16-mixed" if dev.type == "cuda" else "32-true", channels_last=False,
                        compile=False, grad_checkpointing=False, fast_depthwise_grad=False)
     ckpt_settings = {"off": [False], "on": [True], "both": [False, True]}[grad_checkpointing]
-    plan = [(runner, ckpt, phase) for runner in runner_list for ckpt in ([False] if runner == "official" else
-                                                                           ckpt_settings)
-            for phase in phase_list if not (phase == "infer" and ckpt and len(ckpt_settings) > 1)]
-    figures: dict[tuple, list[Figure]] = {key: [] for key in plan}
-    peaks: dict[tuple, list[float]] = {key: [] for key in plan}
-    pool = make_pool(setup, dev)
-    for _ in range(rounds):
-        for runner, ckpt, phase in plan:
-            base = official if runner == "official" else replace(setup, grad_checkpointing=ckpt)
-            figure, peak = measure("lightning" if runner == "lightning" else "plain", phase, base, dev, pool,
-                                   warmup, steps)
-            figures[runner, ckpt, phase].append(figure)
-            if peak is not None:
-                peaks[runner, ckpt, phase].append(peak)
+    figures, peaks = _measure_all(runner_list, phase_list, ckpt_settings, setup, official, dev, steps, warmup, rounds)
     _print_header(variant, setup, official, dev, channels_last, steps, warmup, rounds)
     rows = _table(figures, peaks)
     ratios = _ratios(figures, ckpt_settings)
@@ -139,6 +126,26 @@ def benchmark(
     return Path(output)
 
 
+def _measure_all(runners: list[str], phases: list[str], ckpt_settings: list[bool], setup: Setup, official: Setup,
+                 device: torch.device, steps: int, warmup: int, rounds: int) -> tuple[dict, dict]:
+    """Figures and peak memory (MiB) of every (runner, checkpointing, phase), one per round, the runners taking
+    turns; inference never checkpoints, so it runs once."""
+    plan = [(runner, ckpt, phase) for runner in runners for ckpt in ([False] if runner == "official" else
+                                                                      ckpt_settings)
+            for phase in phases if not (phase == "infer" and ckpt and len(ckpt_settings) > 1)]
+    figures: dict[tuple, list[Figure]] = {key: [] for key in plan}
+    peaks: dict[tuple, list[float]] = {key: [] for key in plan}
+    pool = make_pool(setup, device)
+    for _ in range(rounds):
+        for runner, ckpt, phase in plan:
+            base = official if runner == "official" else replace(setup, grad_checkpointing=ckpt)
+            figure, peak = measure("lightning" if runner == "lightning" else "plain", phase, base, device, pool,
+                                   warmup, steps)
+            figures[runner, ckpt, phase].append(figure)
+            peaks[runner, ckpt, phase] += [] if peak is None else [peak]
+    return figures, peaks
+
+
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
@@ -146,7 +153,6 @@ def _device_name(device: torch.device) -> str:
 def _print_header(variant: str, setup: Setup, official: Setup, device: torch.device, channels_last: bool | None,
                   steps: int, warmup: int, rounds: int) -> None:
     a, on = setup.arch, {True: "on", False: "off"}
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"model: {variant} dim={a['dim']} depth={a['depth']} kernel={a['kernel_size']} patch={a['patch_size']} "
           f"classes={a['num_classes']}, {setup.image_size}x{setup.image_size}, batch {setup.batch_size}")
     print(f"settings: precision {setup.precision}, channels_last {on[setup.channels_last]}"
@@ -155,7 +161,7 @@ def _print_header(variant: str, setup: Setup, official: Setup, device: torch.dev
           f"{'convmixer_pl.depthwise' if setup.fast_depthwise_grad else 'nn.Conv2d'}")
     print(f"official: the plain loop in NCHW, eager, precision {official.precision}, nn.Conv2d's depthwise backward "
           f"(the official script on {device.type})")
-    print(f"device: {_device_name(device)}{threads}, torch {torch.__version__}; {steps} timed steps after {warmup} "
+    print(f"device: {_device_name(device)}, torch {torch.__version__}; {steps} timed steps after {warmup} "
           f"warm-up per run, {rounds} round(s), every timed step kept")
     print(f"figures: per-step images/s, median and 25th-75th percentiles; others CPUs: how many of the {os.cpu_count()}"
           f" CPUs other processes kept busy meanwhile; peak memory: {PeakMemory.kind_of(device)} above the memory in "

@@ -3,8 +3,8 @@ per-call times (`torch.utils.benchmark`), the CPUs other processes kept busy mea
 with its noise; and the metrics a run logged.
 
 A figure is the median over every timed step, the 25th-75th percentiles beside it, the number of steps, and the
-CPUs that other processes kept busy over the same window. No step is left out for being slow: on a busy machine
-the spread and the load say how far to trust the median.
+CPUs that other processes kept busy over the same window (`speed.load_sample`, from /proc/stat; unknown below half
+a second). No step is left out for being slow: on a busy machine the spread and the load say how far to trust it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch.utils import benchmark as torch_benchmark
 
 from ..plots import read_metrics
+from ..speed import device_key, load_sample, other_cpus
 
 
 def sync(device: torch.device) -> None:
@@ -30,42 +31,8 @@ def sync(device: torch.device) -> None:
 
 
 def cpu_name() -> str:
-    """The CPU's model name, the instruction set torch uses on it and the CPU count: `AMD EPYC (AVX512, 2 CPUs)`."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
-    except OSError:
-        name = "CPU"
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs)"
-
-
-def _busy_seconds() -> tuple[float, float] | None:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far; None without /proc/stat. Time
-    a hypervisor stole counts as busy: it is contention too."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    except (OSError, ValueError):
-        return None
-    own = os.times()
-    return ((user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"),
-            own.user + own.system)
-
-
-Stamp = tuple[float, tuple[float, float] | None]  # (perf_counter, _busy_seconds())
-
-
-def load_stamp() -> Stamp:
-    return time.perf_counter(), _busy_seconds()
-
-
-def other_cpus(start: Stamp, end: Stamp) -> float | None:
-    """CPUs other processes kept busy between two `load_stamp()`s; None where unknown (no /proc/stat, or less than
-    50 ms apart: /proc/stat counts 10 ms ticks)."""
-    (t0, c0), (t1, c1) = start, end
-    if c0 is None or c1 is None or t1 - t0 < 0.05:
-        return None
-    return max(0.0, (c1[0] - c0[0]) - (c1[1] - c0[1])) / (t1 - t0)
+    """The CPU as figures name it: model, the instruction set torch uses, native bf16, threads (`speed.device_key`)."""
+    return device_key(torch.device("cpu"))[len("cpu "):]
 
 
 @dataclass
@@ -101,10 +68,10 @@ def time_calls(fn: Callable[[], object], items: int, min_seconds: float = 0.5) -
     """`fn()` timed by `torch.utils.benchmark` (blocks of calls, CUDA synchronised) after one warm-up call, on all of
     torch's threads (its Timer defaults to one)."""
     fn()
-    start = load_stamp()
+    start = load_sample()
     timer = torch_benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_seconds)
-    return Figure(list(measurement.times), items, other_cpus(start, load_stamp()))
+    return Figure(list(measurement.times), items, other_cpus(start, load_sample()))
 
 
 class Clock:
@@ -112,18 +79,18 @@ class Clock:
 
     def __init__(self, device: torch.device, warmup: int, on_warm: Callable[[], None]) -> None:
         self.device, self.warmup, self.on_warm = device, warmup, on_warm
-        self.stamps: list[Stamp] = []
+        self.stamps: list[tuple[float, tuple | None]] = []  # (perf_counter, speed.load_sample)
 
     def tick(self) -> None:
         sync(self.device)
         if len(self.stamps) == self.warmup:
             self.on_warm()
-        self.stamps.append(load_stamp())
+        self.stamps.append((time.perf_counter(), load_sample()))
 
     def figure(self, items: int) -> Figure:
         timed = self.stamps[self.warmup:]
         seconds = [b[0] - a[0] for a, b in zip(timed, timed[1:])]  # noqa: B905 (lengths differ by one)
-        return Figure(seconds, items, other_cpus(timed[0], timed[-1]))
+        return Figure(seconds, items, other_cpus(timed[0][1], timed[-1][1]))
 
 
 def paired_ratio(mine: list[Figure], theirs: list[Figure]) -> float:

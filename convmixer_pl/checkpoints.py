@@ -278,10 +278,13 @@ class RunCheckpoint(ModelCheckpoint):
         """A run folder that was moved or copied resumes into its own files: the saved paths are taken as names in
         this folder (Lightning would otherwise drop them and write last-v1.ckpt beside a stale last.ckpt)."""
         saved = state_dict.get("dirpath")
-        if saved and self.dirpath and os.path.realpath(saved) != os.path.realpath(self.dirpath):
-            def here(path):
-                return os.path.join(self.dirpath, os.path.basename(path)) if path else path
 
+        def here(path):
+            return os.path.join(self.dirpath, os.path.basename(path)) if path else path
+
+        moved = saved and self.dirpath and os.path.realpath(saved) != os.path.realpath(self.dirpath)
+        # this folder holds the run's files (moved or copied), not a new run started from another's checkpoint
+        if moved and os.path.isfile(here(state_dict.get("last_model_path") or state_dict.get("best_model_path") or "")):
             state_dict = {**state_dict, "dirpath": self.dirpath,
                           **{key: here(state_dict.get(key)) for key in ("best_model_path", "kth_best_model_path",
                                                                          "last_model_path")},

@@ -222,9 +222,9 @@ class ConvMixerCLI(LightningCLI):
             # no checkpoint of this run: evaluate the released weights that model.pretrained names
             say(f"{subcommand} uses the weights of model.pretrained {config.model.pretrained}")
         self._check_checkpoint_and_folders(subcommand, config)
+        self._fall_back_to_cpu(config.trainer)
         if subcommand == "fit" and rank_zero_only.rank == 0:  # the job's first process speaks for the folder
             self._claim_run_folder(config)
-        self._fall_back_to_cpu(config.trainer)
 
     @staticmethod
     def _claim_run_folder(config) -> None:
@@ -370,6 +370,9 @@ def _run_cli(args) -> None:
     except SIGTERMException:  # Lightning's own stop: SIGTERM before training began, or a second one
         say("stopped by SIGTERM without saving a checkpoint")
         sys.exit(128 + signal.SIGTERM)
+    finally:
+        while _held_locks:  # the run folder is free for the next command (also when run in-process)
+            _held_locks.pop().close()
 
 
 def quiet_known_noise() -> None:

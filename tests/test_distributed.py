@@ -220,7 +220,7 @@ def test_test_under_ddp_equals_one_process(ddp):
     _succeeded(ddp["test"])
     ranks = _ranks(ddp["root"] / "probe_test", "test")
     ckpt = best_or_last(ddp["run"])
-    assert all(rank["ckpt_path"] == str(ckpt) for rank in ranks)
+    assert all((ddp["root"] / rank["ckpt_path"]).resolve() == ckpt.resolve() for rank in ranks)
     acc1, loss, _ = _evaluate(ckpt, "test")
     data = DigitsDataModule(image_size=IMAGE)
     data.setup()
@@ -291,7 +291,8 @@ def test_fsdp_config_wraps_the_blocks_of_convmixer_1536_20():
 def test_gpu_only_configs_without_gpu(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     tiny = ["--config", str(CONFIGS / "digits.yaml"), "--model.dim", "8", "--model.depth", "1",
-            "--data.image_size", "8", "--trainer.enable_progress_bar", "false", "--plots.enabled", "false"]
+            "--data.image_size", "8", "--trainer.enable_progress_bar", "false", "--plots.enabled", "false",
+            "--overwrite", "true"]
     # FSDP: one CPU process, said in one line
     main(["fit", *tiny, "--trainer", str(CONFIGS / "trainer" / "fsdp.yaml"), "--trainer.fast_dev_run", "1"])
     err = capsys.readouterr().err

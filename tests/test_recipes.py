@@ -92,16 +92,18 @@ RECIPE_VARIANTS = {"cifar10.yaml": "convmixer_256_8", "cifar10_25ep_92.yaml": "c
 @pytest.mark.parametrize("config, variant", sorted(RECIPE_VARIANTS.items()))
 def test_recipe_architectures_are_their_named_variants(config, variant):
     model = yaml.safe_load((CONFIGS / config).read_text())["model"]
+    resolved = {"act": "gelu", **VARIANTS.get(model.get("variant"), {}), **model}  # what model.variant gives
     expected = {"act": "gelu", **VARIANTS[variant]}
     expected.pop("num_classes", None)  # linked from the data module by the CLI
-    assert {key: model.get(key, "gelu" if key == "act" else None) for key in expected} == expected
+    assert {key: resolved.get(key) for key in expected} == expected
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_model_flag_takes_a_variant_name(variant, tmp_path):
-    """`--model <variant>` builds exactly that architecture; later flags still override it."""
-    cli = ConvMixerCLI(args=["--config", str(CONFIGS / "digits.yaml"), "--model", variant, "--model.lr", "0.02",
-                             "--trainer.default_root_dir", str(tmp_path)], run=False)
+def test_model_variant_flag_builds_that_variant(variant, tmp_path):
+    """`--model.variant <variant>` builds exactly that architecture; other flags still apply."""
+    cli = ConvMixerCLI(args=["--config", str(CONFIGS / "digits.yaml"), "--model.dim", "null", "--model.depth", "null",
+                             "--model.kernel_size", "null", "--model.patch_size", "null", "--model.variant", variant,
+                             "--model.lr", "0.02", "--trainer.default_root_dir", str(tmp_path)], run=False)
     hp = cli.model.hparams
     expected = {"act": "gelu", **VARIANTS[variant]}
     expected.pop("num_classes", None)

@@ -110,8 +110,10 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- per batch ---------------------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # on the device and for training batches only: validation and test keep their hard labels
-        if self.mixer is not None and self.trainer is not None and self.trainer.training:
+        # on the device and for training batches only: validation and test keep their hard labels (and the model
+        # summary's example input, a lone tensor, is not a batch to mix)
+        if (self.mixer is not None and self.trainer is not None and self.trainer.training
+                and isinstance(batch, (tuple, list)) and len(batch) == 2):
             return self.mixer(*batch)
         return batch
 

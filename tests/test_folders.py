@@ -484,8 +484,6 @@ def test_real_cifar10_jpeg_test_split_decodes_into_memory(cifar10_jpg):
     assert batch.shape == (500, 3, 32, 32) and batch.dtype == torch.float32 and torch.equal(labels, targets[:500])
 
 
-@pytest.mark.xfail(strict=True, reason="MixUp/CutMix with Lightning's model summary on: the summary passes "
-                   "example_input_array through on_after_batch_transfer, whose mixer fails on a bare image tensor")
 def test_real_cifar10_tree_fits_with_the_imagefolder_config(cifar10_jpg, tmp_path, convmixer, monkeypatch):
     """As a new user would: the real CIFAR-10 JPEG tree (train/ and test/, no val/) and configs/imagefolder.yaml,
     through the installed command (a small model, one epoch); then `test` of a root with only the real test/."""

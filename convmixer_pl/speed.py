@@ -107,8 +107,8 @@ class ModelShape:
         return self.batch_size * self.dim * (self.image_size // self.patch_size) ** 2
 
 
-class TooSlowToMeasure(RuntimeError):
-    """One step takes so long that measuring every candidate would cost more than it could save."""
+class NotMeasurable(RuntimeError):
+    """Measuring now would cost more than it could tell: a step takes too long, or other processes hold the CPUs."""
 
 
 # -- what the machine can do -------------------------------------------------------------------------------------
@@ -267,7 +267,8 @@ class Measurement:
 def measure(choices: list[SpeedChoice], make_step: StepFactory, batch_size: int, *, budget_s: float = 12.0,
             max_s: float = 480.0, clock: Callable[[], float] = time.perf_counter) -> Measurement:
     """Time training steps of `choices` (the first is the reference) in interleaved rounds; see the module
-    docstring. Raises `TooSlowToMeasure` when the reference's warm-up step says the whole would exceed `max_s`."""
+    docstring. Raises `NotMeasurable` when the reference's warm-up step says the whole would exceed `max_s`, or
+    that other processes left it less than half of its threads' time."""
     start = clock()
     steps, warm_up = _warm_up(choices, make_step, clock, max_s)
     reference, alive = choices[0], list(steps)
@@ -301,7 +302,7 @@ def _warm_up(choices: list[SpeedChoice], make_step: StepFactory, clock: Callable
     for choice in choices:
         try:
             step = make_step(choice)
-            began = clock()
+            began, load = clock(), load_sample()
             step()
         except Exception as err:  # noqa: BLE001 -- a candidate that cannot run is no candidate; the reference must
             if choice == choices[0]:
@@ -310,9 +311,11 @@ def _warm_up(choices: list[SpeedChoice], make_step: StepFactory, clock: Callable
             continue
         steps[choice] = step
         if choice == choices[0]:
-            reference_time = clock() - began
+            reference_time, busy = clock() - began, crowded_out(load, load_sample())
             if reference_time * len(choices) * (1 + MIN_ROUNDS) > max_s:
-                raise TooSlowToMeasure(f"a step takes {reference_time:.0f} s")
+                raise NotMeasurable(f"a step takes {reference_time:.0f} s")
+            if busy:
+                raise NotMeasurable(busy)
     return steps, reference_time
 
 
@@ -334,6 +337,15 @@ def other_cpus(before: tuple[float, float, float] | None, after: tuple[float, fl
     if before is None or after is None or after[0] - before[0] < 0.5:  # /proc/stat counts 10 ms ticks
         return None
     return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
+
+
+def crowded_out(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> str | None:
+    """Why a step between two `load_sample`s is no measure of speed, if it is: other processes were busy and it got
+    less than half of its threads' CPU time. None where it is a measure, or where that is unknown."""
+    others, threads = other_cpus(before, after), torch.get_num_threads()
+    if others is None or others <= 0.25 * threads or (after[2] - before[2]) / (after[0] - before[0]) >= threads / 2:
+        return None
+    return f"other processes keep {others:.1f} of {usable_cpus()} CPUs busy"
 
 
 def _survivors(alive: list[SpeedChoice], speeds: dict[SpeedChoice, list[float]],

@@ -209,12 +209,31 @@ def test_the_cache_is_written_atomically(native_bf16, cache_dir, monkeypatch, ca
 
 def test_a_choice_measured_on_a_busy_machine_is_not_cached(native_bf16, cache_dir, monkeypatch, capsys):
     monkeypatch.setattr(speed, "other_cpus", lambda before, after: 2.0 * os.cpu_count())
+    monkeypatch.setattr(speed, "crowded_out", lambda before, after: None)  # busy, yet the warm-up got its CPUs
     assert choose(FakeSteps(RATES)) == WINNER  # 178 images/s: more than BUSY_MARGIN x the default's 93
     assert "chosen by measurement on a busy machine" in capsys.readouterr().err
     assert not (cache_dir / "speed.json").exists()
     default = SpeedChoice("32-true", True, True)
     assert choose(FakeSteps({**RATES, WINNER: 93 * speed.BUSY_MARGIN - 1})) == default  # a lead noise could make
     assert "not cached: other processes kept" in capsys.readouterr().err
+
+
+def test_a_crowded_machine_is_not_measured(native_bf16, cache_dir, monkeypatch, capsys):
+    monkeypatch.setattr(speed, "crowded_out", lambda before, after: "other processes keep 1.9 of 2 CPUs busy")
+    fake = FakeSteps(RATES)
+    assert choose(fake) == SpeedChoice("32-true", True, True)
+    assert sum(fake.calls.values()) == 1  # the reference's warm-up step told
+    assert "(the default; not measured: other processes keep 1.9 of 2 CPUs busy)" in capsys.readouterr().err
+    assert not cache_dir.exists()
+
+
+def test_crowded_out_means_others_busy_and_the_step_starved(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    # (seconds, busy CPU seconds of the machine, CPU seconds of this process)
+    assert speed.crowded_out((0, 0, 0), (10, 20, 4)) == f"other processes keep 1.6 of {speed.usable_cpus()} CPUs busy"
+    assert speed.crowded_out((0, 0, 0), (10, 20, 18)) is None  # the step had its CPUs: a measure
+    assert speed.crowded_out((0, 0, 0), (10, 5, 4)) is None  # a step that uses little CPU on a quiet machine
+    assert speed.crowded_out((0, 0, 0), (0.1, 0.2, 0)) is None and speed.crowded_out(None, (10, 20, 4)) is None
 
 
 def test_the_cache_folder_comes_from_the_environment(monkeypatch, tmp_path):
@@ -298,7 +317,8 @@ def test_model_shape_of_a_built_model():
 
 
 def test_a_real_measurement_chooses_a_candidate_and_caches_it(cache_dir, monkeypatch):
-    monkeypatch.setattr(speed, "other_cpus", lambda before, after: None)  # cached even while the machine is busy
+    monkeypatch.setattr(speed, "other_cpus", lambda before, after: None)  # measured and cached even while the
+    monkeypatch.setattr(speed, "crowded_out", lambda before, after: None)  # machine is busy
     tiny = ModelShape(dim=16, depth=2, kernel_size=5, patch_size=2, in_chans=3, image_size=16, batch_size=8)
     torch.manual_seed(7)
     expected = torch.rand(3)

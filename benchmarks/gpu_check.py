@@ -1,12 +1,9 @@
 """One check of convmixer-pl on a GPU with the real CIFAR-10 images, within a time budget (default 8 minutes).
 
-Each part gets a budget capped by what is left, or is skipped with the reason: `epoch_*`, ConvMixer-256/8 training
-images/s (the official recipe, batch 512, 2 short epochs of `convmixer fit`) with bf16-mixed + channels_last (the
-base), + data.device_pipeline, channels_last off, + model.compile, 16-mixed; `official_script` on the same images;
-`official_benchmark` (`convmixer benchmark`); `big_model_checkpointing`, ConvMixer-1536/20 at 224 px, batch 64,
-with and without gradient checkpointing; `fsdp`, a few FSDP steps and the full checkpoint validated without FSDP;
-`recipe_25ep`, configs/cifar10_25ep_92.yaml with the time left. One file, <out>/gpu_check.json, and a markdown
-table; `--cpu_tiny true` runs every part tiny on the CPU, `convmixer` in this process (CI).
+Each part gets a budget capped by what is left, or is skipped with the reason: `epoch_*` (ConvMixer-256/8 training
+images/s, 2 short epochs of `convmixer fit`, with each speed option), `official_script`, `official_benchmark`,
+`big_model_checkpointing`, `fsdp` and `recipe_25ep` (docs/real_cifar10.md). One file, <out>/gpu_check.json, and a
+markdown table; `--cpu_tiny true` runs every part tiny on the CPU, `convmixer` in this process (CI).
 
     python -m benchmarks.gpu_check --tarball cifar10-jpg.tar.gz --official_repo convmixer-cifar10 --out results/
 """
@@ -15,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import shlex
 import tempfile
@@ -85,10 +83,9 @@ def epoch_part(check: Check, name: str, budget_s: float) -> dict:
 
 
 def official_part(check: Check, budget_s: float) -> dict:
-    try:
-        source, origin = official.official_source(check.official_repo)
-    except ValueError as err:
-        raise Skip(f"skipped: {err}") from None
+    if not (check.official_repo or os.environ.get(official.ENV_REPO)):
+        raise Skip(f"skipped: {official.NOT_FOUND}")
+    source, origin = official.official_source(check.official_repo)
     subset = min(check.batches * check.recipe.batch_size, check.n_train)  # the epoch_* parts' images per epoch
     root = official.subset_root(check.root, subset, 0, check.work / "official_subset")
     run = official.run_official(source, check.recipe, root, check.work / "official", check.device, 0, budget_s,

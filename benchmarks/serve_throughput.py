@@ -4,9 +4,9 @@ the top-k, in batches, in this process); docs/serving.md.
 
     python -m benchmarks.serve_throughput --clients [1,16,64] --servers ["--max_batch_size 8","--max_batch_size 32"]
 
-Without --ckpt_path it serves ConvMixer-256/8 (kernel 5, patch 2) for 32 px RGB images, saved after one training
-step. The uploads are random RGB PNGs of 1.25x the model's input, sent as raw bytes by one thread per client over a
-keep-alive connection to a server on a free 127.0.0.1 port, after a warm-up round.
+Without --ckpt_path it serves ConvMixer-256/8 (kernel 5, patch 2) for 32 px RGB images, random weights. The uploads
+are random RGB PNGs of 1.25x the model's input, sent as raw bytes by one thread per client over a keep-alive
+connection to a server on a free 127.0.0.1 port, after a warm-up round.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import http.client
 import io
 import json
+import logging
 import os
 import shlex
 import signal
@@ -29,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from jsonargparse import CLI
 from PIL import Image
+from torchvision.io import encode_png
 
 from benchmarks.official import convmixer_command, convmixer_env
 from convmixer_pl.benchmark import cpu_name, time_calls
@@ -41,26 +42,18 @@ from convmixer_pl.files import atomic_write
 
 
 def build_checkpoint(path: Path) -> Path:
-    """ConvMixer-256/8 for 32 px CIFAR-10-like images, saved by Lightning after one step on random images."""
+    """ConvMixer-256/8 for 32 px CIFAR-10-like images, random weights, written by Lightning's checkpointing."""
     import lightning as L
 
     from convmixer_pl.module import ConvMixerClassifier
     from convmixer_pl.preprocessing import DataConfig
 
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-    module = ConvMixerClassifier("convmixer_256_8", data_config=DataConfig(32, class_names=classes))
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(ConvMixerClassifier("convmixer_256_8", data_config=DataConfig(32, class_names=classes)))
     trainer.save_checkpoint(path)
     return path
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def batched_inference(ckpt_path: str, payloads: list[bytes], batch_size: int, device: str) -> tuple[float, str]:
@@ -118,11 +111,17 @@ def load(port: int, payloads: list[bytes], requests: int, clients: int) -> dict:
     local = threading.local()
 
     def post(data: bytes) -> tuple[float, int]:
-        if not hasattr(local, "connection"):
-            local.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         start = time.perf_counter()
-        local.connection.request("POST", "/predict", body=data, headers={"Content-Type": "image/png"})
-        response = local.connection.getresponse()
+        for again in (False, True):  # a connection the server closed while it was idle is opened again, once
+            if again or not hasattr(local, "connection"):
+                local.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            try:
+                local.connection.request("POST", "/predict", body=data, headers={"Content-Type": "image/png"})
+                response = local.connection.getresponse()
+                break
+            except ConnectionError:  # RemoteDisconnected and BrokenPipeError among them
+                if again:
+                    raise
         body = response.read()
         if response.status != 200:
             raise RuntimeError(f"POST /predict answered {response.status}: {body[:300]!r}")
@@ -158,8 +157,9 @@ def serve_throughput(ckpt_path: str | None = None, requests: int = 512, clients:
     work = Path(tempfile.mkdtemp(prefix="serve_throughput_"))
     ckpt_path = str(Path(ckpt_path).resolve()) if ckpt_path else str(build_checkpoint(work / "convmixer_256_8.ckpt"))
     size = load_module(ckpt_path).data_config.image_size
-    rng, side = np.random.default_rng(0), max(8, round(1.25 * size))
-    payloads = [png(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(images)]
+    g, side = torch.Generator().manual_seed(0), max(8, round(1.25 * size))
+    payloads = [encode_png(torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=g)).numpy().tobytes()
+                for _ in range(images)]
     rate, noise = batched_inference(ckpt_path, payloads, batch_size, "cuda" if accelerator == "cuda" else "cpu")
     print(f"{ckpt_path}: {size} px, {images} PNG uploads of {side} px; {cpu_name()}, torch "
           f"{torch.__version__}, {accelerator}; load average before {os.getloadavg()[0]:.2f}\nbatched inference "

@@ -23,11 +23,11 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .console import say
+from .files import TMP_SUFFIX, atomic_write
 from .model import ConvMixer
 from .module import ConvMixerClassifier
 from .weights import state_differences
 
-TMP_SUFFIX = ".convmixer-tmp"  # temporary checkpoint files: `.<name>.<pid>.convmixer-tmp` beside the target
 LAST = "last.ckpt"
 
 
@@ -198,31 +198,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)  # makes the rename itself durable
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        with atomic_write(path, "wb") as f:  # a full disk is one line naming the file; the old one stays
+            torch.save(checkpoint, f)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike | None) -> list[Path]:

@@ -44,6 +44,7 @@ from .checkpoints import (
 )
 from .console import debugging, fail, run_entry_point, say
 from .data import ImageDataModule
+from .files import atomic_write
 from .model import ConvMixer
 from .module import ConvMixerClassifier
 from .resume import ResumeState
@@ -86,7 +87,8 @@ def default_loggers(root: str, version: int | None = None) -> list:
         warnings.filterwarnings("ignore", "Experiment logs directory .* exists and is not empty")
         writer = csv.experiment  # opens the folder (and deletes metrics.csv there)
     if earlier:
-        metrics.write_text(earlier)
+        with atomic_write(metrics) as f:
+            f.write(earlier)
         writer.metrics_keys = earlier.splitlines()[0].split(",")  # its header: the new rows are appended
     return [tensorboard, csv]
 

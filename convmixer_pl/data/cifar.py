@@ -63,14 +63,22 @@ def _files(dataset: str, train: bool) -> list[tuple[str, str]]:
     return release.train_list if train else release.test_list
 
 
-def _label_names(root: str, dataset: str) -> list[str]:
-    """The class names in the files' meta entry if it reads, else the released archives' names."""
+def _label_names(root: str, dataset: str, verify_checksums: bool | None = None) -> list[str]:
+    """The class names in the files' meta entry. Before set-up (`verify_checksums` None) the released archives'
+    names stand in for a file that is missing or does not read; at set-up such a file is an error naming it."""
     release = _release(dataset)
+    path = os.path.join(root, release.base_folder, release.meta["filename"])
     try:
-        return [str(name) for name in read_pickle(os.path.join(root, release.base_folder,
-                                                               release.meta["filename"]))[release.meta["key"]]]
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError):
-        return list(CIFAR10_CLASSES if dataset == "cifar10" else CIFAR100_CLASSES)
+        if verify_checksums and not check_integrity(path, release.meta["md5"]):
+            raise DataError("missing, or not the released file (md5 differs)")
+        return [str(name) for name in read_pickle(path)[release.meta["key"]]]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
+        if verify_checksums is None:
+            return list(CIFAR10_CLASSES if dataset == "cifar10" else CIFAR100_CLASSES)
+        hint = ", or data.verify_checksums: false for files that are not the released archives" if verify_checksums \
+            else ""
+        raise DataError(f"{dataset} label names not found or corrupted: {path}: {err}. Point data.root at the "
+                        f"folder that holds {release.base_folder}/, or set data.download: true{hint}") from err
 
 
 class CIFARDataModule(ImageDataModule):
@@ -159,7 +167,7 @@ class CIFARDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        names = _label_names(self.root, self.dataset)
+        names = _label_names(self.root, self.dataset, self.verify_checksums)
         if names != list(self.data_config.class_names):
             raise DataError(f"{self.root}: the files name the classes {names[:5]}..., not the "
                             f"{list(self.data_config.class_names)[:5]}... read before they were loaded; point "

@@ -140,11 +140,15 @@ class ImageFolderDataModule(ImageDataModule):
                             "(convmixer validate|test|predict --ckpt_path FILE, or model.pretrained)")
         config = model.data_config
         if config is None:  # released weights: their architecture, this module's preprocessing options
-            say("the model stores no preprocessing: evaluating with "
-                + ", ".join(f"data.{key} {value}" for key, value in self._options.items()))
-            config = DataConfig(**{**self._options, "image_size": model.hparams.get("image_size")
-                                   or self._options["image_size"]}, in_chans=model.model.in_chans,
-                                class_names=self._unnamed_classes(model.num_classes))
+            size = model.hparams.get("image_size") or self._options["image_size"]
+            names = self._unnamed_classes(model.num_classes)
+            config = DataConfig(**{**self._options, "image_size": size}, in_chans=model.model.in_chans,
+                                class_names=names)
+            say(f"the model stores no preprocessing: evaluating with image_size {config.image_size}, mean "
+                f"{config.mean}, std {config.std}, crop_pct {config.crop_pct}, interpolation {config.interpolation} "
+                "(the data.* options, else DataConfig's defaults)")
+            say(f"the model stores no class names: its classes 0..{len(names) - 1} are the sorted class folders of "
+                f"{self.root}")
         self._adopt(config, "the model")
 
     def _unnamed_classes(self, count: int) -> list[str]:
@@ -155,7 +159,6 @@ class ImageFolderDataModule(ImageDataModule):
             raise DataError(f"the model has {count} classes but stores no class names, and {self.root} has "
                             f"{len(classes)} class folders {_listed(classes)}: sorted, folders name its classes only "
                             f"if they are all {count}; evaluate a folder with one folder per class of the model")
-        say(f"the model stores no class names: its classes 0..{count - 1} are the sorted class folders of {self.root}")
         return classes
 
     def _class_folders(self, split: str) -> list[str]:
@@ -181,8 +184,8 @@ class ImageFolderDataModule(ImageDataModule):
                 f"{_listed(missing)}")
         samples: Samples = []
         others: list[str] = []  # files that are not named like images (hidden files are ignored)
-        for name in classes:
-            files = walk_files(folder / name, within=self.root)
+        for name in classes:  # another class's folder, reached through a link, is not this class's
+            files = walk_files(folder / name, within=self.root, avoid=[folder / other for other in classes])
             images = [path for path in files if is_image_name(path)]
             if not images:
                 raise DataError(f"{folder / name} holds no image; put images in it or remove it")

@@ -40,14 +40,16 @@ def is_image_name(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def walk_files(folder: str | os.PathLike, within: str | os.PathLike | None = None) -> list[str]:
+def walk_files(folder: str | os.PathLike, within: str | os.PathLike | None = None,
+               avoid: Iterable[str | os.PathLike] = ()) -> list[str]:
     """The regular files under `folder` (sub-folders included, sorted as torchvision's ImageFolder lists them).
 
     Symlinked folders are followed where they lead out of `within` (data kept elsewhere), but a folder is never
-    entered twice and a link back into `within` is not followed, so a symlink loop neither hangs nor relabels
-    another class's images; sockets, pipes and devices are passed over (reading a pipe would block)."""
+    entered twice, nor one of `avoid` (the other classes' folders), and a link back into `within` is not followed,
+    so a symlink loop neither hangs nor relabels another class's images; sockets, pipes and devices are passed over
+    (reading a pipe would block)."""
     inside = os.path.realpath(within if within is not None else folder) + os.sep
-    seen: set[str] = set()
+    seen = {os.path.realpath(path) for path in avoid} - {os.path.realpath(folder)}
     folders: list[tuple[str, list[str]]] = []
     for top, dirs, names in os.walk(folder, followlinks=True):
         seen.add(os.path.realpath(top))

@@ -174,7 +174,6 @@ def _as_released(monkeypatch, dataset: str, folder: Path) -> None:
 
 # per data set: its label-name file, a training file and the test file
 CIFAR_FILES = {"cifar10": ("batches.meta", "data_batch_3", "test_batch"), "cifar100": ("meta", "train", "test")}
-META_FILES = {"batches.meta", "meta"}
 
 
 @pytest.mark.parametrize("dataset, name", [(d, name) for d, names in CIFAR_FILES.items() for name in names])
@@ -196,12 +195,7 @@ def test_a_cifar_file_that_would_run_code_never_runs_it(tmp_path, monkeypatch, d
 
 
 @pytest.mark.parametrize("verify", [True, False])
-@pytest.mark.parametrize("dataset, name", [
-    pytest.param(d, name, marks=pytest.mark.xfail(
-        name in META_FILES, strict=True,
-        reason="CIFARDataModule reads the label-name file without its md5 and falls back to the released names "
-               "when it is refused, so setup neither fails nor names it"))
-    for d, names in CIFAR_FILES.items() for name in names])
+@pytest.mark.parametrize("dataset, name", [(d, name) for d, names in CIFAR_FILES.items() for name in names])
 def test_setup_stops_at_a_cifar_file_that_would_run_code_in_one_line_naming_it(tmp_path, monkeypatch, dataset, name,
                                                                                verify):
     folder = write_cifar(tmp_path, dataset, per_class=1)

@@ -91,11 +91,24 @@ class PixelBudget:
         return Held()
 
 
-def give_memory_back() -> None:
+def _libc():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator decides
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None  # not glibc: its allocator decides
+
+
+def give_memory_back() -> None:
+    if (libc := _libc()) is not None:
+        libc.malloc_trim(0)
+
+
+def map_large_allocations(threshold: int = 4 * 2**20) -> None:
+    """Decoded images (megabytes each) get memory of their own from the system and give it back when freed:
+    glibc's default raises its threshold for that after the first large free, and then keeps freed images in
+    each decoding thread's heap."""
+    if (libc := _libc()) is not None:
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -311,6 +324,7 @@ def run_server(args: SimpleNamespace) -> None:
     # warning filter is process-wide, so it is set here, before LitServe forks the HTTP process
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     torch.set_num_threads(1)  # the HTTP process crops one image per thread; the model runs in the workers
+    map_large_allocations()  # inherited by the HTTP process that LitServe forks
     stop_on_sigterm()
     say(f"serving {args.ckpt_path} on http://{'[::1]' if args.host == '::' else args.host}:{args.port}/ "
         f"(POST /predict, a page at /; max_batch_size {args.max_batch_size}, batch_timeout {args.batch_timeout} s)")

@@ -368,6 +368,70 @@ def test_page_in_chromium_shows_the_top_classes_as_bars(server, digits, digits_r
     print(f"screenshot of the page: {screenshot}")
 
 
+# -- memory -------------------------------------------------------------------------------------------------------
+
+def process_group_memory(pgid: int) -> dict[int, tuple[int, int]]:
+    """{pid: (resident KiB, peak resident KiB)} of every process in the group (the server, its HTTP process, its
+    inference worker)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or os.getpgid(int(entry.name)) != pgid:
+                continue
+            status = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines() if ":" in line)
+            found[int(entry.name)] = (int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0]))
+        except (OSError, KeyError, ValueError):
+            continue  # gone meanwhile, or a kernel thread
+    return found
+
+
+def large_png(side: int, seed: int) -> bytes:
+    """An RGB PNG of side x side pixels that compresses to little (rows of a few colours): 3 bytes a pixel once
+    decoded, a small upload."""
+    rng = np.random.default_rng(seed)
+    rows = np.repeat(rng.integers(0, 256, size=(side // 250, 1, 3), dtype=np.uint8), 250, axis=0)
+    out = BytesIO()
+    Image.fromarray(np.broadcast_to(rows, (side, side, 3)).copy()).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads process memory from /proc (Linux)")
+def test_concurrent_large_uploads_are_decoded_within_the_pixel_budget_and_the_memory_is_given_back(digits_run,
+                                                                                                   tmp_path):
+    """16 uploads of a 5000 x 5000 RGB PNG at once (75 MB each decoded, 1.2 GB together): with --decode_pixels of
+    one such image they are decoded in turn, so no process of the server grows by more than a few of them, and the
+    HTTP process hands the memory back afterwards."""
+    side, uploads = 5000, 16
+    port, log = free_port(), tmp_path / "serve.log"
+    command = [convmixer_command(), "serve", "--ckpt_path", str(digits_run / "last.ckpt"), "--port", str(port),
+               "--accelerator", "cpu", "--max_bytes", str(8 * 2**20), "--decode_pixels", str(side * side),
+               "--log_level", "warning"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    served = Server(port, log)
+    try:
+        wait_until_healthy(served, process)
+        bodies = [large_png(side, seed) for seed in range(uploads)]
+        before = process_group_memory(process.pid)
+        answers: list[int] = []
+        threads = [threading.Thread(target=lambda b=body: answers.append(served.predict(b, PNG)[0]))
+                   for body in bodies]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        after = process_group_memory(process.pid)
+    finally:
+        stop(process, served)
+    assert answers == [200] * uploads
+    decoded = side * side * 3 // 1024  # KiB of one decoded upload
+    growth = {pid: after[pid][1] - before[pid][0] for pid in before if pid in after}
+    assert max(growth.values()) < 6 * decoded, growth  # unbounded, 16 at once: more than 16 of them
+    resident = {pid: after[pid][0] - before[pid][0] for pid in before if pid in after}
+    assert max(resident.values()) < 2 * decoded, resident  # given back, not kept for the next burst
+
+
 # -- bad command lines -------------------------------------------------------------------------------------------------
 
 def one_error_line(capsys, *args: str) -> str:

@@ -128,10 +128,10 @@ def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images") / "images")
 
 
-def cifar10_jpg_archive() -> Path:
-    """Where the real CIFAR-10 JPEGs are (train/<class>/*.jpg, test/<class>/*.jpg): beside the repository in CI,
-    or wherever CONVMIXER_CIFAR10_JPG says. Never copied into the repository."""
-    return Path(os.environ.get("CONVMIXER_CIFAR10_JPG") or REPO / ".." / "shared" / "data" / "cifar10-jpg.tar.gz")
+def cifar10_jpg_archive() -> Path | None:
+    """Where the real CIFAR-10 JPEGs are (a .tar.gz of train/<class>/*.jpg, test/<class>/*.jpg):
+    CONVMIXER_CIFAR10_JPG. Never copied into the repository."""
+    return Path(os.environ["CONVMIXER_CIFAR10_JPG"]) if os.environ.get("CONVMIXER_CIFAR10_JPG") else None
 
 
 CIFAR10_JPG_TRAIN_PER_CLASS = 30
@@ -143,8 +143,8 @@ def cifar10_jpg(tmp_path_factory) -> Path:
     train/ in the archive (4 s on two cores; all 60,000 take 15 s). Skips where the archive is absent. Don't modify
     it."""
     archive = cifar10_jpg_archive()
-    if not archive.is_file():
-        pytest.skip(f"the real CIFAR-10 JPEGs are not at {archive} (set CONVMIXER_CIFAR10_JPG to the .tar.gz)")
+    if archive is None or not archive.is_file():
+        pytest.skip(f"the real CIFAR-10 JPEGs are not at CONVMIXER_CIFAR10_JPG={archive} (set it to the .tar.gz)")
     root = tmp_path_factory.mktemp("cifar10-jpg")
     taken: Counter = Counter()
     safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12: no paths outside root

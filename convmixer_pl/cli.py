@@ -115,6 +115,22 @@ def lock_run_folder(folder: Path) -> None:
     _held_locks.append(handle)
 
 
+CKPT_PATH_HELP = ("A .ckpt file written by `convmixer fit`, or `last` (the run's last.ckpt: fit resumes from it) or "
+                  "`best` (the best epoch by val/acc1); validate, test and predict use the run's best checkpoint when "
+                  "it is not given. The run is checkpoints/<name>/.")
+
+
+def shorten_help(parser) -> None:
+    """`--help` a person can scan: Lightning's Trainer options by their first sentence (the Trainer's documentation
+    has the rest), and this command's own meaning of --ckpt_path."""
+    for action in parser._actions:
+        if action.dest == "ckpt_path":
+            action.help = CKPT_PATH_HELP
+        elif action.dest.startswith("trainer.") and action.help:
+            first = " ".join(action.help.split()).split(". ")[0].rstrip(".")
+            action.help = f"{first}."
+
+
 def check_unfinished(path: str, checkpoint: dict, trainer) -> None:
     """Resuming a run that already trained to the end: nothing to do (NothingToDo, exit 0)."""
     loops = checkpoint.get("loops") or {}
@@ -170,6 +186,8 @@ class ConvMixerCLI(LightningCLI):
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         super()._add_subcommands(parser, **kwargs)
+        for subparser in self._subcommand_parsers.values():
+            shorten_help(subparser)
         if not self._with_tools:
             return
         subcommands = parser._subcommands_action  # jsonargparse's, made by add_subcommands() in the call above

@@ -60,8 +60,7 @@ class PatchError(ValueError):
 
 @dataclass(frozen=True)
 class Recipe:
-    """The official script's flags, which both runners share, under its names (`--conv-ks` is conv_ks); the
-    defaults are the script's: ConvMixer-256/8 (hdim, depth), kernel 5, patch 2, batch 512, 25 epochs."""
+    """The official script's flags under its own names (`--conv-ks` is conv_ks) and defaults; both runners'."""
 
     batch_size: int = 512
     epochs: int = 25

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -36,7 +36,7 @@ from PIL import Image
 from torchvision.io import encode_png
 
 from benchmarks.official import convmixer_command, convmixer_env
-from convmixer_pl.benchmark import cpu_name, time_calls
+from convmixer_pl.benchmark import Figure, cpu_name, time_calls
 from convmixer_pl.checkpoints import load_module
 from convmixer_pl.files import atomic_write
 
@@ -56,8 +56,8 @@ def build_checkpoint(path: Path) -> Path:
     return path
 
 
-def batched_inference(ckpt_path: str, payloads: list[bytes], batch_size: int, device: str) -> tuple[float, str]:
-    """images/s (median) of the server's work on the same uploads, in batches in this process, and its noise."""
+def batched_inference(ckpt_path: str, payloads: list[bytes], batch_size: int, device: str) -> Callable[[], Figure]:
+    """A measurement of the server's work on the same uploads, in batches in this process (images/s)."""
     module = load_module(ckpt_path).to(device)
     config = module.data_config
     per_image, per_batch, mode = config.image_transform(), config.batch_transform(), config.pil_mode
@@ -69,12 +69,11 @@ def batched_inference(ckpt_path: str, payloads: list[bytes], batch_size: int, de
                                      for p in payloads[i:i + batch_size]])
                 module(per_batch(crops.to(device))).softmax(dim=1).topk(min(5, module.num_classes)).indices.tolist()
 
-    figure = time_calls(run_all, len(payloads), min_seconds=2.0)
-    return figure.rates()[1], figure.text("passes")
+    return lambda: time_calls(run_all, len(payloads), min_seconds=2.0)
 
 
 @contextlib.contextmanager
-def serving(ckpt_path: str, options: list[str], log: Path) -> Iterator[int]:
+def serving(ckpt_path: str, options: list[str], log: Path, env: dict[str, str]) -> Iterator[int]:
     """`convmixer serve` on a free loopback port, from when it answers GET /health; stopped afterwards (SIGTERM,
     which stops its worker processes too, then SIGKILL)."""
     with socket.socket() as probe:
@@ -82,7 +81,7 @@ def serving(ckpt_path: str, options: list[str], log: Path) -> Iterator[int]:
         port = probe.getsockname()[1]
     process = subprocess.Popen(convmixer_command("serve", "--ckpt_path", ckpt_path, "--port", str(port),
                                                  "--log_level", "warning", *options),
-                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=convmixer_env(),
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**convmixer_env(), **env},
                                start_new_session=True)
     try:
         for _ in range(600):  # 300 s
@@ -127,8 +126,8 @@ def load(port: int, payloads: list[bytes], requests: int, clients: int) -> dict:
             raise RuntimeError(f"POST /predict answered {response.status}: {body[:300]!r}")
         return time.perf_counter() - start, json.loads(body)["batch_size"]
 
-    sent = [payloads[i % len(payloads)] for i in range(requests)]
     with ThreadPoolExecutor(clients) as pool:
+        sent = [payloads[i % len(payloads)] for i in range(requests)]
         list(pool.map(post, sent[:max(clients, min(requests, 2 * clients))]))  # warm-up
         start = time.perf_counter()
         results = list(pool.map(post, sent))
@@ -148,7 +147,8 @@ def serve_throughput(ckpt_path: str | None = None, requests: int = 512, clients:
         ckpt_path: The checkpoint to serve (default: a ConvMixer-256/8 at 32 px built here).
         requests: Timed requests per row.
         clients: Concurrent clients (threads) of each row.
-        servers: `convmixer serve` options, one server each, e.g. ["--max_batch_size 32 --batch_timeout 0.005"].
+        servers: `convmixer serve` options, one server each, e.g. ["--max_batch_size 32", "OMP_NUM_THREADS=1"]
+            (NAME=value words: the server's environment).
         images: Distinct uploads, cycled.
         batch_size: Batch size of the batched inference.
         accelerator: Where the model runs, in the server and in the batched inference.
@@ -160,21 +160,24 @@ def serve_throughput(ckpt_path: str | None = None, requests: int = 512, clients:
     g, side = torch.Generator().manual_seed(0), max(8, round(1.25 * size))
     payloads = [encode_png(torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=g)).numpy().tobytes()
                 for _ in range(images)]
-    rate, noise = batched_inference(ckpt_path, payloads, batch_size, "cuda" if accelerator == "cuda" else "cpu")
-    print(f"{ckpt_path}: {size} px, {images} PNG uploads of {side} px; {cpu_name()}, torch "
-          f"{torch.__version__}, {accelerator}; load average before {os.getloadavg()[0]:.2f}\nbatched inference "
-          f"(batch {batch_size}, this process, {torch.get_num_threads()} threads): {noise}")
-    print(f"{'server options':<40} {'clients':>7} {'requests/s':>10} {'x batched':>9} {'p50 ms':>8} {'p95 ms':>8} "
-          f"{'mean batch':>10}")
+    batched = batched_inference(ckpt_path, payloads, batch_size, "cuda" if accelerator == "cuda" else "cpu")
+    print(f"{ckpt_path}: {size} px, {images} PNG uploads of {side} px; {cpu_name()}, torch {torch.__version__}, "
+          f"{accelerator}; batched inference: batch {batch_size}, this process, measured just before each row\n"
+          f"{'server options':<40} {'clients':>7} {'requests/s':>10} {'batched/s':>9} {'ratio':>5} {'p50 ms':>8} "
+          f"{'p95 ms':>8} {'mean batch':>10} {'others CPUs':>11}")
     rows = []
     for i, options in enumerate(servers):
-        with serving(ckpt_path, ["--accelerator", accelerator, *shlex.split(options)], work / f"serve_{i}.log") as port:
+        words = shlex.split(options)  # NAME=value words set the server's environment, the others are its options
+        env = dict(word.split("=", 1) for word in words if "=" in word and not word.startswith("-"))
+        options_list = ["--accelerator", accelerator, *(word for word in words if word.split("=")[0] not in env)]
+        with serving(ckpt_path, options_list, work / f"serve_{i}.log", env) as port:
             for n in clients:
-                rows.append({"server": options, **load(port, payloads, requests, n), "batched_images_per_s": rate})
-                row = rows[-1]
-                print(f"{options or '(defaults)':<40} {n:>7} {row['requests_per_s']:>10.1f} "
-                      f"{row['requests_per_s'] / rate:>9.2f} {row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f} "
-                      f"{row['mean_batch']:>10.2f}", flush=True)
+                figure = batched()  # beside the row: a busy machine's load changes by the minute
+                rows.append(row := {"server": options, **load(port, payloads, requests, n),
+                                    "batched_images_per_s": figure.rates()[1], "batched_others_cpus": figure.others})
+                print(f"{options or '(defaults)':<40} {n:>7} {row['requests_per_s']:>10.1f} {figure.rates()[1]:>9.1f} "
+                      f"{row['requests_per_s'] / figure.rates()[1]:>5.2f} {row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f} "
+                      f"{row['mean_batch']:>10.2f} {figure.load_text():>11}", flush=True)
     if output:
         with atomic_write(output) as f:
             json.dump(rows, f, indent=1)

@@ -14,7 +14,6 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,9 +21,11 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import CONFIGS, convmixer_command
+from conftest import CONFIGS, convmixer_command, run_main
 
+from convmixer_pl.callbacks.guards import Interrupted
 from convmixer_pl.console import run_entry_point
+from convmixer_pl.plots import read_metrics
 from convmixer_pl.sweep import HeartbeatJournalStorage, SweepError, open_storage, parse_space, sweep
 
 # 2 short epochs of a small ConvMixer at 8 px: about 10 s a trial on a busy 2-core machine
@@ -35,25 +36,19 @@ SPACE = {"model.lr": {"low": 0.02, "high": 0.08, "log": True}, "model.kernel_siz
 SWEEP = {"base_config": str(CONFIGS / "digits.yaml"), "space": SPACE, "objective": "val/loss",
          "direction": "minimize", "n_trials": 4, "pruner": "none", "study_name": "tiny", "fit_args": FIT_ARGS,
          "heartbeat_interval": 1}
-# the continuation: a learning rate of 10 (the same kind of range, so the study takes it), 4 epochs, median pruner
+# the continuation: a learning rate of 10 (the same kind of range, so the study takes it) and the median pruner
+# from the first epoch; 40 epochs, so that the fit is still running when the sweep reads its first one
+HOPELESS_EPOCHS = 40
 HOPELESS = {**SWEEP, "space": {**SPACE, "model.lr": {"low": 10.0, "high": 10.0, "log": True}}, "n_trials": 5,
             "pruner": "median", "pruner_startup_trials": 2, "pruner_warmup_epochs": 0,
-            "fit_args": [*FIT_ARGS, "--trainer.max_epochs", "4"]}
+            "fit_args": [*FIT_ARGS, "--trainer.max_epochs", str(HOPELESS_EPOCHS)]}
 TIMEOUT = 600
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning",
                                         "ignore:Heartbeat of storage is supposed to be used with Study.optimize")
-# the command function on jsonargparse, as `convmixer sweep` runs it, until the command has it
-ENTRY = ("from jsonargparse import CLI; from convmixer_pl.console import run_entry_point; "
-         "from convmixer_pl.sweep import sweep; run_entry_point(lambda: CLI(sweep), 'convmixer sweep')")
 
 
 def _sweep_command(config: Path) -> list[str]:
-    """`convmixer sweep --config FILE`, or the same function on jsonargparse where `convmixer` has no `sweep`."""
-    command = convmixer_command()
-    probe = subprocess.run([command, "sweep", "--help"], capture_output=True, text=True)
-    if probe.returncode == 0 and "base_config" in probe.stdout:
-        return [command, "sweep", "--config", str(config)]
-    return [sys.executable, "-c", ENTRY, "--config", str(config)]
+    return [convmixer_command(), "sweep", "--config", str(config)]
 
 
 def _start(command: list[str], cwd: Path) -> subprocess.Popen:
@@ -157,8 +152,10 @@ def test_killed_worker_trial_is_run_again_and_the_hopeless_one_pruned(killed_and
     assert rows[killed]["state"] == "FAIL" and rows[killed]["error"].startswith("its worker stopped; run again as")
     again = int(rows[killed]["error"].rsplit(" ", 1)[1])
     assert rows[again]["model.lr"] == "10" and rows[again]["model.kernel_size"] == rows[killed]["model.kernel_size"]
-    assert rows[again]["state"] == "PRUNED" and rows[again]["epochs"] == "1"  # stopped after 1 of its 4 epochs
+    assert rows[again]["state"] == "PRUNED" and rows[again]["epochs"] == "1"  # judged after its first epoch,
     assert float(rows[again]["val/loss"]) > 100
+    metrics = read_metrics(next((folder / "trials" / str(again)).glob("lightning_logs/version_*/metrics.csv")))
+    assert len(metrics["val/loss"]) < HOPELESS_EPOCHS  # and stopped before its last
     assert sum(row["state"] in ("COMPLETE", "PRUNED") for row in rows.values()) == 5
 
 
@@ -172,7 +169,7 @@ def test_running_again_a_finished_study_runs_no_trial(killed_and_rerun, capsys):
 
 def test_sigterm_stops_the_sweep_and_queues_its_trial_again(tmp_path):
     """A scheduler's SIGTERM (preemption, scancel) mid-trial: the fit is stopped, the trial failed and queued again
-    at once (no heartbeat to wait for), and the sweep stops."""
+    at once (no heartbeat to wait for), and the sweep stops with the exit code of a stop by SIGTERM."""
     folder = tmp_path / "sweep"
     done = threading.Event()
 
@@ -185,13 +182,14 @@ def test_sigterm_stops_the_sweep_and_queues_its_trial_again(tmp_path):
     handler = signal.getsignal(signal.SIGTERM)
     threading.Thread(target=terminate_once_the_fit_runs, daemon=True).start()
     try:
-        with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM"):
+        with pytest.raises(Interrupted, match="stopped by SIGTERM: trial 0 failed and queued again") as stopped:
             sweep(**{**SWEEP, "out_dir": str(folder), "n_trials": 1})
     finally:
         done.set()
     trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'sweep.db'}").trials
     assert [t.state.name for t in trials] == ["FAIL", "WAITING"]
     assert trials[0].user_attrs["error"] == "stopped by SIGTERM" and trials[1].params == trials[0].params
+    assert stopped.value.exit_code == 128 + signal.SIGTERM  # what `convmixer sweep` exits with
     assert signal.getsignal(signal.SIGTERM) == handler  # the handler of before is back
 
 
@@ -257,6 +255,12 @@ def test_base_config_that_is_not_yaml_and_storage_that_cannot_be_written(capsys,
     for storage in (f"sqlite:///{in_the_way}/sweep.db", f"journal:{in_the_way}/sweep.log"):
         line = _refused(capsys, **{**SWEEP, "storage": storage, "out_dir": str(tmp_path / "b")})
         assert line.startswith(f"convmixer sweep: error: storage {storage}: cannot")
+
+
+def test_the_command_refuses_in_one_line(capsys, tmp_path):
+    config = _write(tmp_path / "bad.yaml", {**SWEEP, "space": {"model.lr": {"low": 0.1, "high": 0.01}}})
+    code, err = run_main(capsys, "sweep", "--config", config)
+    assert code == 2 and err.strip() == "convmixer sweep: error: space.model.lr: low 0.1 is above high 0.01; swap them"
 
 
 def test_space_kinds():

@@ -11,10 +11,6 @@ waiting, if it must, for the trials other workers run, then writes the results (
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +31,7 @@ from .options import (
 )
 from .results import write_results
 from .storage import HeartbeatJournalStorage, check_existing_study, hide_password, open_storage, open_study
-from .trials import TrialFailed, TrialRunner, fit_config
+from .trials import StopSignals, TrialFailed, TrialRunner, fit_config
 
 __all__ = ["HeartbeatJournalStorage", "SweepError", "open_storage", "parse_space", "sweep"]
 
@@ -89,8 +85,8 @@ def sweep(base_config: str, space: dict[str, Any], objective: str = "val/acc1",
             study = open_study(opened, shown, plan.study_name, direction,
                                make_sampler(sampler, plan.distributions, seed),
                                make_pruner(pruner, pruner_startup_trials, pruner_warmup_epochs))
-            with _sigterm_interrupts():
-                _work(study, TrialRunner(plan), plan.n_trials, heartbeat_interval)
+            with StopSignals() as signals:
+                _work(study, TrialRunner(plan, signals), plan.n_trials, heartbeat_interval)
             return write_results(study, plan)
     finally:
         optuna.logging.set_verbosity(verbosity)
@@ -101,6 +97,7 @@ def _work(study: optuna.Study, runner: TrialRunner, n_trials: int, heartbeat_int
     other workers run: one of them may have died, and its trial is then this worker's to run again."""
     waiting_said = False
     while True:
+        runner.signals.wait(0)  # a signal between two trials: no new one
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, and queued again
         states = [trial.state for trial in study.get_trials(deepcopy=False)]
         finished, running = sum(s in FINISHED for s in states), states.count(TrialState.RUNNING)
@@ -110,7 +107,7 @@ def _work(study: optuna.Study, runner: TrialRunner, n_trials: int, heartbeat_int
             if not waiting_said:
                 say(f"{finished} of {n_trials} trials finished; waiting for the {running} still running")
                 waiting_said = True
-            time.sleep(heartbeat_interval)
+            runner.signals.wait(heartbeat_interval)
             continue
         try:
             study.optimize(runner, n_trials=1, catch=(TrialFailed,))
@@ -127,19 +124,3 @@ def _grid_done(study: optuna.Study, states: list[TrialState]) -> bool:
     return (isinstance(sampler, optuna.samplers.GridSampler) and TrialState.WAITING not in states
             and sampler.is_exhausted(study))
 
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM stops the sweep as Ctrl-C does: the running trial saves, is failed and queued again."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread can have handlers
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from pathlib import Path
 
 import optuna
@@ -98,7 +99,9 @@ def draw_pictures(study: optuna.Study, out_dir: Path, objective: str) -> list[Pa
     paths = []
     for file_name, function in PICTURES.items():
         kwargs = {} if function == "plot_intermediate_values" else {"target_name": objective}
-        axes = getattr(optuna_plots, function)(study, **kwargs)
+        with warnings.catch_warnings():  # one value of an option: matplotlib widens its axis itself, and says so
+            warnings.filterwarnings("ignore", "Attempting to set identical low and high xlims")
+            axes = getattr(optuna_plots, function)(study, **kwargs)
         first = axes.flat[0] if hasattr(axes, "flat") else axes
         if function == "plot_slice":
             first.figure.set_size_inches(1.5 + 3.5 * getattr(axes, "size", 1), 4)

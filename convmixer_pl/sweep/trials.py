@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import optuna
 import yaml
 from optuna.trial import Trial, TrialState
 
+from ..callbacks.guards import Interrupted
 from ..console import say
 from ..plots import read_metrics
 from .options import FINISHED, Plan, SweepError, suggest
@@ -28,6 +29,44 @@ STOP_SECONDS = 120  # a trial told to stop (SIGTERM) saves last.ckpt first; afte
 
 class TrialFailed(Exception):
     """A trial's `convmixer fit` failed, or the trial was not needed: the trial is FAIL and the sweep goes on."""
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's time limit or preemption, scancel) or SIGINT (Ctrl-C), while installed: noted, and
+    acted on by the sweep at its next poll (a handler that raised could be lost in whatever code it interrupts).
+    A second signal gets the handler of before: a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only it can have signal handlers
+            self._previous = {signum: signal.signal(signum, self._note) for signum in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    def _note(self, signum: int, frame) -> None:
+        self.signum = signum
+        self.event.set()
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def wait(self, seconds: float) -> None:
+        """Sleep, and raise `Interrupted` (the command then exits with 128 + the signal) if a signal came."""
+        if self.event.wait(seconds):
+            raise Interrupted(self.signum, f"stopped by {self.name}; run the same command again to continue")
 
 
 def fit_command(*args: str) -> list[str]:
@@ -72,8 +111,8 @@ def shown(value: Any) -> str:
 class TrialRunner:
     """Optuna's objective: one trial, one `convmixer fit` subprocess, its epochs reported to the pruner."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
+    def __init__(self, plan: Plan, signals: StopSignals) -> None:
+        self.plan, self.signals = plan, signals
         self.failures_in_row = 0
         self.last_error = ""
 
@@ -127,16 +166,17 @@ class TrialRunner:
                 code = child.poll()  # before reading: after the child's exit, the read is complete
                 for epoch, value in _new_values(folder, before, self.plan.objective, values):
                     trial.report(value, epoch)
-                    if trial.should_prune():
-                        self._prune(trial, child, epoch, value, len(values))
+                    if trial.should_prune():  # epochs read after this one in the same poll do not count
+                        self._prune(trial, child, epoch, value, sum(e <= epoch for e in values))
                 if code is not None:
                     trial.set_user_attr("epochs", len(values))
                     return code, list(values.values())
-                time.sleep(POLL_SECONDS)
-        except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (a scheduler's preemption, scancel)
+                self.signals.wait(POLL_SECONDS)
+        except Interrupted:
             _stop(child)
-            _queue_again(trial, str(interrupt) or "interrupted")
-            raise
+            _queue_again(trial, f"stopped by {self.signals.name}")
+            raise Interrupted(self.signals.signum, f"stopped by {self.signals.name}: trial {trial.number} failed and "
+                              "queued again; run the same command again to continue") from None
         except BaseException:
             _stop(child)
             raise
@@ -179,7 +219,6 @@ def _queue_again(trial: Trial, why: str) -> None:
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
     optuna.storages.RetryHeartbeatStaleTrialCallback()(trial.study, frozen)
     trial.set_user_attr("error", why)
-    say(f"trial {trial.number} {why}; queued again: run the same command again to continue")
 
 
 def _stop_with_parent() -> Callable[[], None] | None:

@@ -68,7 +68,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def write_best_config(best: FrozenTrial, plan: Plan) -> Path:
     """best.yaml: the best trial's full `convmixer fit` config, as that trial ran, to train it again under its own
     name, with checkpoints in checkpoints/<study_name>_best/ instead of the trial's folder."""
-    folder = Path(best.user_attrs.get("folder", plan.out_dir / "trials" / str(best.number)))
+    folder = plan.out_dir / "trials" / str(best.number)  # as this worker sees the sweep's folder
     saved = sorted(folder.glob("lightning_logs/version_*/config.yaml"), key=os.path.getmtime)
     name = f"{plan.study_name}_best"
     if saved:  # written by the trial's own `convmixer fit`

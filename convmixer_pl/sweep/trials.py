@@ -23,7 +23,7 @@ from ..console import say
 from ..plots import read_metrics
 from .options import FINISHED, Plan, SweepError, suggest
 
-POLL_SECONDS = 2.0  # how often a running trial's metrics.csv is read
+POLL_SECONDS = 1.0  # how often a running trial's metrics.csv is read (and a stop signal looked for)
 STOP_SECONDS = 120  # a trial told to stop (SIGTERM) saves last.ckpt first; after this long it is killed
 
 
@@ -169,6 +169,7 @@ class TrialRunner:
                     if trial.should_prune():  # epochs read after this one in the same poll do not count
                         self._prune(trial, child, epoch, value, sum(e <= epoch for e in values))
                 if code is not None:
+                    self.signals.wait(0)  # a Ctrl-C, or a scheduler's SIGTERM, reaches the fit too: queued again
                     trial.set_user_attr("epochs", len(values))
                     return code, list(values.values())
                 self.signals.wait(POLL_SECONDS)

@@ -48,6 +48,7 @@ from .files import atomic_write
 from .model import ConvMixer
 from .module import ConvMixerClassifier
 from .resume import ResumeState
+from .speed import ModelShape, choose_speed, cpu_fallback_precision, cpu_fallback_workers
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOLS = {  # convmixer <tool>: the module and its command function (whose parameters are the tool's options)
@@ -172,7 +173,8 @@ class ConvMixerCLI(LightningCLI):
             parser_kwargs={"description": "Train, evaluate, export, serve and sweep ConvMixer. `convmixer "
                                           "SUBCOMMAND --help` lists a subcommand's options."},
             # images/s in every fit's logs; every process's RNG states in every checkpoint (exact resume)
-            trainer_defaults={"callbacks": [ThroughputCallback(), ResumeState()]},
+            # precision None: measured on this machine for fit (convmixer_pl.speed), else Lightning's 32-true
+            trainer_defaults={"callbacks": [ThroughputCallback(), ResumeState()], "precision": None},
             # AdamW + one-cycle are the module's (configure_optimizers); no --optimizer/--lr_scheduler to replace them
             auto_configure_optimizers=False,
             args=args,
@@ -242,7 +244,7 @@ class ConvMixerCLI(LightningCLI):
             # no checkpoint of this run: evaluate the released weights that model.pretrained names
             say(f"{subcommand} uses the weights of model.pretrained {config.model.pretrained}")
         self._check_checkpoint_and_folders(subcommand, config)
-        self._fall_back_to_cpu(config.trainer)
+        self._fall_back_to_cpu(config.trainer, config.get("data"))
         if subcommand == "fit" and rank_zero_only.rank == 0:  # the job's first process speaks for the folder
             self._claim_run_folder(config)
 
@@ -338,7 +340,31 @@ class ConvMixerCLI(LightningCLI):
         kwargs.setdefault("callbacks", callbacks)
         if not trainer.get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        if self.subcommand == "fit":
+            kwargs.update(self._measured_speed(trainer))
         return super().instantiate_trainer(**kwargs)
+
+    def _measured_speed(self, trainer) -> dict:
+        """The precision, memory format and depthwise path measured for this model on this machine (cached), where
+        the config leaves them unset (`convmixer_pl.speed`); the precision for the Trainer."""
+        accelerator = str(trainer.get("accelerator") or "auto")
+        if accelerator not in ("cpu", "gpu", "cuda", "auto"):
+            return {}
+        try:
+            config = self.datamodule.data_config
+        except AttributeError:
+            return {}
+        device = torch.device("cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto"
+                                                                           and torch.cuda.is_available()) else "cpu")
+        crop = getattr(self.datamodule.augment, "crop_size", None) or config.image_size
+        shape = ModelShape.of(self.model.model, crop, self.datamodule.batch_size)
+        one_process = str(trainer.get("devices") or 1) in ("1", "auto") and (trainer.get("num_nodes") or 1) == 1
+        hp = self.model.hparams
+        choice = choose_speed(shape, device, precision=trainer.get("precision"), channels_last=hp.channels_last,
+                              fast_depthwise_grad=hp.fast_depthwise_grad, compile=hp.compile,
+                              measure_now=one_process and rank_zero_only.rank == 0)
+        self.model.use_speed(choice.channels_last, choice.fast_depthwise_grad)
+        return {"precision": choice.precision}
 
     def _resumed_log_version(self) -> int | None:
         """The log version of the run `fit --ckpt_path` resumes, if it was written in this folder."""
@@ -349,7 +375,7 @@ class ConvMixerCLI(LightningCLI):
                      and isinstance(state.get("log_version"), int)), None)
 
     @staticmethod
-    def _fall_back_to_cpu(trainer) -> None:
+    def _fall_back_to_cpu(trainer, data=None) -> None:
         """Run a GPU config on a machine without one, saying what changed, instead of crashing."""
         if torch.cuda.is_available():
             return
@@ -368,9 +394,14 @@ class ConvMixerCLI(LightningCLI):
                 strategy = getattr(trainer.strategy, "class_path", trainer.strategy)  # a name or a class_path
                 changes.append(f"strategy {str(strategy).rsplit('.', 1)[-1]} -> auto")
                 trainer.strategy = "auto"
-        if trainer.accelerator in ("gpu", "cuda", "cpu", "auto") and str(trainer.precision) in ("16-mixed", "16"):
-            changes.append(f"precision {trainer.precision} -> bf16-mixed")
-            trainer.precision = "bf16-mixed"
+        if changes and trainer.precision is not None and cpu_fallback_precision(trainer.precision) is None:
+            changes.append(f"precision {trainer.precision} -> measured on this CPU")  # never emulated bf16 or fp16
+            trainer.precision = None
+        if changes and data is not None and (data.get("init_args") or {}).get("num_workers"):
+            workers = cpu_fallback_workers(data.init_args.num_workers)
+            if workers != data.init_args.num_workers:
+                changes.append(f"data.num_workers {data.init_args.num_workers} -> {workers}")
+                data.init_args.num_workers = workers
         if changes:
             say("no GPU found; falling back: " + ", ".join(changes))
 

@@ -82,7 +82,8 @@ class ConvMixerClassifier(L.LightningModule):
         num_classes: Classes (without a data config; else its).
         image_size: Input size, checked against patch_size (without a data config; else its).
         grad_checkpointing: Recompute each block's activations in the backward pass instead of storing them.
-        fast_depthwise_grad: On the CPU, the depthwise weight gradient from `convmixer_pl.depthwise`'s kernels.
+        fast_depthwise_grad: On the CPU, the depthwise weight gradient from `convmixer_pl.depthwise`'s kernels;
+            None (default): on, or as `convmixer fit` measures it on this machine (`convmixer_pl.speed`).
         data_config: The evaluation preprocessing and class names (`convmixer_pl.preprocessing.DataConfig`); the
             CLI links it from the data module, every checkpoint stores it, so `predict`, `serve` and exports
             preprocess new images as in training.
@@ -94,8 +95,8 @@ class ConvMixerClassifier(L.LightningModule):
         scheduler: onecycle (the paper's triangle, stepped every optimizer step), cosine or constant.
         pretrained: Weights file to start from: an official release (.pth.tar), a timm file (.pth/.safetensors)
             or a checkpoint of ours; the layout is detected. A head for another class count is re-initialised.
-        channels_last: Run in the channels-last memory format. None (default) decides by measurement: on for the
-            CPU and for kernel_size <= 7 on GPUs, off for kernel_size 9 on GPUs (see docs/benchmarks.md).
+        channels_last: Run in the channels-last memory format. None (default): as `convmixer fit` measures it on this
+            machine (`convmixer_pl.speed`), else on for the CPU and for kernel_size <= 7 on GPUs.
         compile: Compile the network with `torch.compile` when the trainer starts (the weights' names stay).
         compile_mode: The `torch.compile` mode.
         tta: Test-time augmentation of validate, test and predict (timm's `--tta`): `flip` scores each image by
@@ -115,7 +116,7 @@ class ConvMixerClassifier(L.LightningModule):
         num_classes: int | None = None,
         image_size: int | None = None,
         grad_checkpointing: bool = False,
-        fast_depthwise_grad: bool = True,
+        fast_depthwise_grad: bool | None = None,
         data_config: DataConfig | None = None,
         label_smoothing: float = 0.1,
         optimizer: Literal["adamw", "sgd"] = "adamw",
@@ -145,6 +146,7 @@ class ConvMixerClassifier(L.LightningModule):
         bound = inspect.signature(ConvMixer).bind(**arch)
         bound.apply_defaults()
         self.hparams.update(bound.arguments)
+        self.hparams["fast_depthwise_grad"] = fast_depthwise_grad  # None: a speed choice, not the architecture
         self._channels_last = self._compiled = False  # applied in setup(), once the device is known
         self._schedule: tuple[int, int] | None = None  # (steps of the lr schedule, the step it was saved at)
         if config is not None:  # the model summary's input and output sizes and FLOPs
@@ -191,6 +193,15 @@ class ConvMixerClassifier(L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         kwargs.setdefault("pretrained", None)  # the checkpoint holds the weights: don't read model.pretrained again
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def use_speed(self, channels_last: bool, fast_depthwise_grad: bool) -> None:
+        """Take the speed choices measured for this machine (`convmixer_pl.speed`) where none was given."""
+        if self.hparams.channels_last is None:
+            self.hparams.channels_last = channels_last
+        if self.hparams.fast_depthwise_grad is None:
+            for layer in self.model.modules():
+                if hasattr(layer, "fast_cpu_grad"):
+                    layer.fast_cpu_grad = fast_depthwise_grad
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device

@@ -131,6 +131,7 @@ def test_gpu_trainer_config_falls_back_to_the_cpu_with_one_warning(run):
     warnings = [line for line in run.fit.stderr.splitlines() if "falling back" in line]
     assert len(warnings) == 1 and warnings[0].startswith("convmixer: ")
     assert "accelerator gpu -> cpu" in warnings[0]
+    assert "precision bf16-mixed -> measured on this CPU" in warnings[0]  # never emulated bf16 on a CPU without it
 
 
 def test_test_with_ckpt_path_last_reports_that_checkpoints_metrics(run, tested):

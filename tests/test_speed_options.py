@@ -96,3 +96,33 @@ def test_fit_logs_images_per_second(digits_run):
         rows = [row for row in csv.DictReader(f) if row.get("train/images_per_sec")]
     assert len(rows) == 2  # one per epoch of the 2-epoch fit
     assert all(float(row["train/images_per_sec"]) > 0 for row in rows)
+
+
+def test_fit_takes_the_measured_speed_choice_where_the_config_leaves_it_unset(monkeypatch, tmp_path):
+    """`convmixer fit` asks `convmixer_pl.speed` for what the config leaves unset, passes what it sets as given,
+    and trains with the answer: the Trainer's precision, the model's memory format and depthwise path."""
+    import convmixer_pl.cli as cli
+    from convmixer_pl.speed import SpeedChoice
+
+    asked = []
+
+    def choose(shape, device, **given):
+        asked.append((shape, device.type, given))
+        return SpeedChoice("32-true", channels_last=False, fast_depthwise_grad=False)
+
+    monkeypatch.setattr(cli, "choose_speed", choose)
+    run = ["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.dim", "8", "--model.depth", "1",
+           "--data.image_size", "8", "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false",
+           "--plots.enabled", "false"]
+    fit = ConvMixerCLI(args=[*run, "--checkpoint.dirpath", str(tmp_path / "a")])
+    shape, device, given = asked[0]
+    assert (shape.dim, shape.depth, shape.image_size, shape.batch_size, device) == (8, 1, 8, 64, "cpu")
+    assert given == {"precision": None, "channels_last": None, "fast_depthwise_grad": None, "compile": False,
+                     "measure_now": True}
+    assert fit.trainer.precision == "32-true" and fit.model.hparams.channels_last is False
+    assert not any(getattr(layer, "fast_cpu_grad", False) for layer in fit.model.modules())
+
+    ConvMixerCLI(args=[*run, "--checkpoint.dirpath", str(tmp_path / "b"), "--trainer.precision", "bf16-mixed",
+                       "--model.channels_last", "true", "--model.fast_depthwise_grad", "true"])
+    assert {key: asked[1][2][key] for key in ("precision", "channels_last", "fast_depthwise_grad")} == {
+        "precision": "bf16-mixed", "channels_last": True, "fast_depthwise_grad": True}  # as given, not measured

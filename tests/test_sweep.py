@@ -4,8 +4,9 @@ One study is shared by the tests of this file (module-scoped fixtures, in this o
 processes run its first 4 trials at once on the default SQLite storage; then a worker continuing it towards 5
 trials, with a hopeless learning rate, is killed with SIGKILL mid-trial, and the same command run again finishes it
 (the killed trial FAIL and run again, and pruned). The objective is val/loss, which a learning rate of 10 makes
-thousands of times larger than any good trial's, so the pruning is certain on any machine. Refusals run in this
-process: each is one line and exit code 2, before any trial or subprocess where it can be.
+over a hundred times larger than any good trial's, so the pruning is certain on any machine. Refusals run in this
+process (the command function through the console's entry point, as `convmixer sweep` calls it, and one through
+`convmixer sweep` itself): each is one line and exit code 2, before any trial or subprocess where it can be.
 """
 
 from __future__ import annotations

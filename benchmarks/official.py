@@ -234,9 +234,10 @@ class Run:
                 proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                         start_new_session=True)
                 for sig, wait_s in ((None, timeout_s), (signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
-                    if sig is not None:
+                    if sig is not None:  # past its time: the whole group (gone already: nothing to stop)
                         self.timed_out = True
-                        os.killpg(proc.pid, sig)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, sig)
                     try:
                         self.returncode = proc.wait(timeout=wait_s)
                         break
@@ -289,10 +290,7 @@ def _convmixer_here(args: list[str], out, cwd: Path | None) -> int:
 
 
 def tail(path: str | Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:]) if Path(path).is_file() else ""
 
 
 def child_env(threads: int | None = None) -> dict[str, str]:
@@ -329,7 +327,8 @@ def run_official(source: str, recipe: Recipe, root: Path, work: Path, device: st
     `time_budget_s` keeps the epochs it finished."""
     work.mkdir(parents=True, exist_ok=True)
     script = work / f"train_patched_{device.replace(':', '_')}.py"
-    script.write_text(patch_source(source, device))
+    with atomic_write(script) as f:
+        f.write(patch_source(source, device))
     command = [sys.executable, str(script), "--data-root", str(root.resolve()), "--seed", str(seed),
                *recipe.official_flags()]
     run = Run("official", seed, command, str(work / f"official_seed{seed}.log"))

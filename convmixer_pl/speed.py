@@ -268,7 +268,7 @@ def measure(choices: list[SpeedChoice], make_step: StepFactory, batch_size: int,
             max_s: float = 480.0, clock: Callable[[], float] = time.perf_counter) -> Measurement:
     """Time training steps of `choices` (the first is the reference) in interleaved rounds; see the module
     docstring. Raises `NotMeasurable` when the reference's warm-up step says the whole would exceed `max_s`, or
-    that other processes left it less than half of its threads' time."""
+    that other processes left it less than a quarter of its threads' time."""
     start = clock()
     steps, warm_up = _warm_up(choices, make_step, clock, max_s)
     reference, alive = choices[0], list(steps)
@@ -341,9 +341,9 @@ def other_cpus(before: tuple[float, float, float] | None, after: tuple[float, fl
 
 def crowded_out(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> str | None:
     """Why a step between two `load_sample`s is no measure of speed, if it is: other processes were busy and it got
-    less than half of its threads' CPU time. None where it is a measure, or where that is unknown."""
+    less than a quarter of its threads' CPU time. None where it is a measure, or where that is unknown."""
     others, threads = other_cpus(before, after), torch.get_num_threads()
-    if others is None or others <= 0.25 * threads or (after[2] - before[2]) / (after[0] - before[0]) >= threads / 2:
+    if others is None or others <= 0.25 * threads or (after[2] - before[2]) / (after[0] - before[0]) >= threads / 4:
         return None
     return f"other processes keep {others:.1f} of {usable_cpus()} CPUs busy"
 

@@ -232,6 +232,7 @@ def test_crowded_out_means_others_busy_and_the_step_starved(monkeypatch):
     # (seconds, busy CPU seconds of the machine, CPU seconds of this process)
     assert speed.crowded_out((0, 0, 0), (10, 20, 4)) == f"other processes keep 1.6 of {speed.usable_cpus()} CPUs busy"
     assert speed.crowded_out((0, 0, 0), (10, 20, 18)) is None  # the step had its CPUs: a measure
+    assert speed.crowded_out((0, 0, 0), (10, 20, 6)) is None  # busy, yet a measure (the rounds are paired)
     assert speed.crowded_out((0, 0, 0), (10, 5, 4)) is None  # a step that uses little CPU on a quiet machine
     assert speed.crowded_out((0, 0, 0), (0.1, 0.2, 0)) is None and speed.crowded_out(None, (10, 20, 4)) is None
 

@@ -232,6 +232,9 @@ class ConvMixerCLI(LightningCLI):
         if subcommand is None:
             return
         config = self.config[subcommand]
+        if (config.checkpoint.dirpath is None and subcommand != "fit" and config.name == "default"
+                and config.ckpt_path not in (None, "last", "best") and Path(config.ckpt_path).is_file()):
+            config.checkpoint.dirpath = str(Path(config.ckpt_path).parent)  # evaluated beside the run it evaluates
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(Path("checkpoints") / config.name)
         if config.trainer.default_root_dir is None:
@@ -314,6 +317,11 @@ class ConvMixerCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "", self.config)
         if config.get("ckpt_path") and config.model.get("pretrained"):
             config.model.pretrained = None  # the checkpoint holds the weights; don't read the file again
+        if self.config.get("subcommand") == "predict":
+            # predict logs no metrics: no log folder (and no config.yaml in one) per call; its output is the CSV
+            self.save_config_callback = None
+            if config.trainer.get("logger") is None:
+                config.trainer.logger = False
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()

@@ -13,8 +13,8 @@ the forward pass, and slower in bf16 than in fp32. During training on the CPU th
 
 Parameters, state_dict, outputs and input gradients are `nn.Conv2d`'s; so is everything on other devices, in
 evaluation, inside a torch.compile'd model, and with `fast_cpu_grad=False` (`ConvMixer(fast_depthwise_grad=False)`).
-The measurements and their commands are in docs/benchmarks.md (`benchmarks/depthwise_weight_grad.py` per call,
-`python -m convmixer_pl.benchmark --stock-depthwise` per step).
+The measurements and their commands are in docs/benchmarks.md (`python -m benchmarks.depthwise_weight_grad` per
+call, `convmixer benchmark --stock_depthwise true` per step).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, convmixer_command
+from conftest import convmixer_command
 from PIL import Image
 
 from convmixer_pl.checkpoints import load_module
@@ -470,20 +469,3 @@ def test_bad_command_lines_end_in_one_line_and_exit_code_2(digits_run, tmp_path,
         port = taken.getsockname()[1]
         line = one_error_line(capsys, "--ckpt_path", ckpt, "--accelerator", "cpu", "--port", str(port))
     assert f"cannot listen on 127.0.0.1:{port}" in line and "choose another --port" in line
-
-
-# -- the throughput benchmark, tiny ----------------------------------------------------------------------------------
-
-def test_throughput_benchmark_runs_in_its_tiny_mode(digits_run, tmp_path):
-    """Also the unbatched server (--max_batch_size 1: LitServe's loop without batching) end to end."""
-    command = [sys.executable, str(REPO / "benchmarks" / "serve_throughput.py"), "--ckpt_path",
-               str(digits_run / "last.ckpt"), "--requests", "8", "--concurrency", "1", "2", "--max_batch_size", "1",
-               "--accelerator", "cpu", "--predict_batch_size", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = re.findall(r"^\s+1\s+([12])\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)$", result.stdout, re.M)
-    assert [row[0] for row in rows] == ["1", "2"], result.stdout
-    assert all(float(rate) > 0 and float(batch) == 1 for _, rate, _, batch in rows), result.stdout
-    assert re.search(r"^convmixer predict: 8 images in [\d.]+ s wall .*, [\d.]+ images/s$", result.stdout, re.M), \
-        result.stdout

@@ -15,9 +15,11 @@ import importlib
 import inspect
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -48,7 +50,7 @@ from .files import atomic_write
 from .model import ConvMixer
 from .module import ConvMixerClassifier
 from .resume import ResumeState
-from .speed import ModelShape, choose_speed, cpu_fallback_precision, cpu_fallback_workers
+from .speed import ModelShape, choose_speed, cpu_fallback_precision, cpu_fallback_workers, default_choice
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOLS = {  # convmixer <tool>: the module and its command function (whose parameters are the tool's options)
@@ -154,6 +156,8 @@ class ConvMixerParser(LightningArgumentParser):
         if not self.exit_on_error or debugging():
             return super().error(message, ex)
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        named = re.search(rf"\b({'|'.join(TOOLS)})\.", message)  # a required option of a tool: `serve.ckpt_path`
+        prog = f"convmixer {named.group(1)}" if named and prog == "convmixer" else prog
         tool = prog if prog.split()[-1] in TOOLS else "convmixer"  # a tool's errors name it, as its own do
         fail(f"{' '.join(message.split())} (`{prog} --help` lists the options)", tool)
 
@@ -170,8 +174,9 @@ class ConvMixerCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             parser_class=ConvMixerParser,
-            parser_kwargs={"description": "Train, evaluate, export, serve and sweep ConvMixer. `convmixer "
-                                          "SUBCOMMAND --help` lists a subcommand's options."},
+            parser_kwargs={"prog": "convmixer",
+                           "description": "Train, evaluate, export, serve and sweep ConvMixer. `convmixer SUBCOMMAND "
+                                          "--help` lists a subcommand's options."},
             # images/s in every fit's logs; every process's RNG states in every checkpoint (exact resume)
             # precision None: measured on this machine for fit (convmixer_pl.speed), else Lightning's 32-true
             trainer_defaults={"callbacks": [ThroughputCallback(), ResumeState()], "precision": None},
@@ -364,14 +369,21 @@ class ConvMixerCLI(LightningCLI):
             return {}
         device = torch.device("cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto"
                                                                            and torch.cuda.is_available()) else "cpu")
-        crop = getattr(self.datamodule.augment, "crop_size", None) or config.image_size
-        shape = ModelShape.of(self.model.model, crop, self.datamodule.batch_size)
-        one_process = str(trainer.get("devices") or 1) in ("1", "auto") and (trainer.get("num_nodes") or 1) == 1
         hp = self.model.hparams
-        choice = choose_speed(shape, device, precision=trainer.get("precision"), channels_last=hp.channels_last,
-                              fast_depthwise_grad=hp.fast_depthwise_grad, compile=hp.compile,
-                              measure_now=one_process and rank_zero_only.rank == 0)
-        self.model.use_speed(choice.channels_last, choice.fast_depthwise_grad)
+        given = {"precision": trainer.get("precision"), "channels_last": hp.channels_last,
+                 "fast_depthwise_grad": hp.fast_depthwise_grad, "compile": hp.compile}
+        # a resumed run trains as it was trained (exact resume); CONVMIXER_SPEED=default: no measurement
+        saved = (self._checkpoint[1].get("speed") or {}) if self._checkpoint else {}
+        given = {key: value if value is not None else saved.get(key) for key, value in given.items()}
+        if os.environ.get("CONVMIXER_SPEED") == "default" or all(value is not None for value in given.values()):
+            choice = replace(default_choice(device, hp.kernel_size, given["precision"]),
+                             **{k: v for k, v in given.items() if k != "precision" and v is not None})
+        else:
+            crop = getattr(self.datamodule.augment, "crop_size", None) or config.image_size
+            shape = ModelShape.of(self.model.model, crop, self.datamodule.batch_size)
+            one_process = str(trainer.get("devices") or 1) in ("1", "auto") and (trainer.get("num_nodes") or 1) == 1
+            choice = choose_speed(shape, device, **given, measure_now=one_process and rank_zero_only.rank == 0)
+        self.model.use_speed(choice.channels_last, choice.fast_depthwise_grad, choice.precision)
         return {"precision": choice.precision}
 
     def _resumed_log_version(self) -> int | None:

@@ -149,6 +149,7 @@ class ConvMixerClassifier(L.LightningModule):
         self.hparams["fast_depthwise_grad"] = fast_depthwise_grad  # None: a speed choice, not the architecture
         self._channels_last = self._compiled = False  # applied in setup(), once the device is known
         self._schedule: tuple[int, int] | None = None  # (steps of the lr schedule, the step it was saved at)
+        self._speed: dict | None = None  # the speed choices this run trains with (use_speed)
         if config is not None:  # the model summary's input and output sizes and FLOPs
             self.example_input_array = torch.zeros(1, *config.input_size)
         if pretrained:
@@ -194,8 +195,11 @@ class ConvMixerClassifier(L.LightningModule):
         kwargs.setdefault("pretrained", None)  # the checkpoint holds the weights: don't read model.pretrained again
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
-    def use_speed(self, channels_last: bool, fast_depthwise_grad: bool) -> None:
-        """Take the speed choices measured for this machine (`convmixer_pl.speed`) where none was given."""
+    def use_speed(self, channels_last: bool, fast_depthwise_grad: bool, precision: str) -> None:
+        """Take the speed choices measured for this machine (`convmixer_pl.speed`) where none was given; checkpoints
+        keep them, so a resumed run trains as the run it continues."""
+        self._speed = {"precision": precision, "channels_last": channels_last,
+                       "fast_depthwise_grad": fast_depthwise_grad}
         if self.hparams.channels_last is None:
             self.hparams.channels_last = channels_last
         if self.hparams.fast_depthwise_grad is None:
@@ -216,6 +220,8 @@ class ConvMixerClassifier(L.LightningModule):
         save_metric_states(checkpoint, self._trainer, {"train_loss": self.train_loss, "train_acc1": self.train_acc1})
         if self._schedule is not None:
             checkpoint["schedule_steps"] = self._schedule[0]
+        if self._speed is not None:
+            checkpoint["speed"] = self._speed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         load_metric_states(checkpoint, self._trainer, {"train_loss": self.train_loss, "train_acc1": self.train_acc1})

@@ -41,7 +41,9 @@ def test_a_second_fit_under_a_name_that_has_a_run_stops_unless_overwrite(convmix
     assert new.returncode == 0, new.stderr[-2000:]
     assert sorted(path.name for path in folder.glob("*.ckpt")) == ["epoch000.ckpt", "last.ckpt"]  # no -v1 files
     for ckpt in folder.glob("*.ckpt"):
-        assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["dim"] == 24
+        state = torch.load(ckpt, weights_only=True)
+        assert state["hyper_parameters"]["dim"] == 24
+        assert state["speed"]["precision"] == "32-true"  # what a resumed run trains with again
     tested = convmixer("test", *TINY_DIGITS, *QUIET, "--name", "run", cwd=tmp_path)
     assert tested.returncode == 0, tested.stderr[-2000:]
     assert "test uses checkpoints/run/epoch000.ckpt" in tested.stderr

@@ -77,8 +77,9 @@ def _label_names(root: str, dataset: str, verify_checksums: bool | None = None) 
             return list(CIFAR10_CLASSES if dataset == "cifar10" else CIFAR100_CLASSES)
         hint = ", or data.verify_checksums: false for files that are not the released archives" if verify_checksums \
             else ""
-        raise DataError(f"{dataset} label names not found or corrupted: {path}: {err}. Point data.root at the "
-                        f"folder that holds {release.base_folder}/, or set data.download: true{hint}") from err
+        raise DataError(f"{dataset} not found or corrupted in {os.path.dirname(path)}: {path}: {err}. Point "
+                        f"data.root at the folder that holds {release.base_folder}/, or set data.download: "
+                        f"true{hint}") from err
 
 
 class CIFARDataModule(ImageDataModule):

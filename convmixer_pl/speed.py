@@ -10,8 +10,8 @@ training steps of each candidate on synthetic data and remembers the choice:
   `convmixer_pl.depthwise` would use its own gradient); bf16 is a CPU candidate only with native bf16;
 - one warm-up step each, then rounds of one step of each candidate, interleaved and in a rotating order, so that a
   burst of load on a shared machine slows the candidates of a round alike; a candidate's speed is the median over
-  rounds of the reference's step time over its own in the same round; clearly slower candidates are dropped after
-  each round; rounds stop after `budget_s` (at least `MIN_ROUNDS`);
+  rounds of the reference's step time over its own in the same round; clearly slower candidates are dropped from
+  the third round on; rounds stop after `budget_s` (at least `MIN_ROUNDS`);
 - fp32 is kept unless a reduced precision is faster by `PRECISION_MARGIN`, and the default layout unless another
   is faster by `TIE_MARGIN`, so that noise does not flip the choice;
 - where other processes kept the CPUs busy meanwhile (read from /proc/stat), the figures are too noisy to keep:
@@ -50,7 +50,7 @@ FULL = "32-true"
 PRECISION_MARGIN = 0.10  # a reduced precision must be this much faster than fp32 to be chosen
 TIE_MARGIN = 0.03  # another layout/path must be this much faster than the default one
 BUSY_MARGIN = 1.5  # on a busy machine, how much faster than the default a choice must measure to be taken
-DROP_BELOW = 0.6  # after a round, candidates below this fraction of the best speed are not stepped again
+DROP_BELOW = 0.6  # after the second round, candidates below this fraction of the best speed are not stepped again
 MIN_ROUNDS, MAX_ROUNDS = 3, 7
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 _WEIGHTS = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
@@ -286,7 +286,8 @@ def measure(choices: list[SpeedChoice], make_step: StepFactory, batch_size: int,
         reference_times.append(times[reference])
         for choice in alive:
             speeds[choice].append(times[reference] / max(times[choice], 1e-9))
-        alive = _survivors(alive, speeds, reference)
+        if rounds >= 2:  # one round is one sample: a burst of load in it must not drop the fastest
+            alive = _survivors(alive, speeds, reference)
         if rounds >= min_rounds and clock() - start >= budget_s:
             break
     reference_rate = batch_size / statistics.median(reference_times or [warm_up])

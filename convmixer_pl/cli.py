@@ -10,6 +10,7 @@ parameters (`TOOLS`), so `--config` works for tools as for `fit`.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import importlib
 import inspect
@@ -123,13 +124,24 @@ CKPT_PATH_HELP = ("A .ckpt file written by `convmixer fit`, or `last` (the run's
                   "it is not given. The run is checkpoints/<name>/.")
 
 
+# the Trainer options `--help` shows; the others work as well (Lightning's Trainer documentation lists them)
+TRAINER_HELP = {"accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "fast_dev_run",
+                "max_epochs", "min_epochs", "max_steps", "max_time", "limit_train_batches", "limit_val_batches",
+                "limit_test_batches", "val_check_interval", "check_val_every_n_epoch", "log_every_n_steps",
+                "enable_progress_bar", "enable_model_summary", "accumulate_grad_batches", "gradient_clip_val",
+                "gradient_clip_algorithm", "deterministic", "benchmark", "sync_batchnorm", "default_root_dir"}
+
+
 def shorten_help(parser) -> None:
-    """`--help` a person can scan: Lightning's Trainer options by their first sentence (the Trainer's documentation
-    has the rest), and this command's own meaning of --ckpt_path."""
+    """`--help` a person can scan: the common Lightning Trainer options by their first sentence (the others still
+    parse; the Trainer's documentation has them all), and this command's own meaning of --ckpt_path."""
     for action in parser._actions:
         if action.dest == "ckpt_path":
             action.help = CKPT_PATH_HELP
-        elif action.dest.startswith("trainer.") and action.help:
+        elif action.dest.startswith("trainer.") and action.help and action.help != argparse.SUPPRESS:
+            if action.dest.split(".")[1] not in TRAINER_HELP:
+                action.help = argparse.SUPPRESS
+                continue
             first = " ".join(action.help.split()).split(". ")[0].rstrip(".")
             action.help = f"{first}."
 

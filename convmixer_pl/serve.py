@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -71,25 +72,20 @@ class PixelBudget:
         self.limit, self.in_flight = limit, 0
         self.condition = threading.Condition()
 
+    @contextmanager
     def __call__(self, pixels: int):
-        budget = self
-
-        class Held:
-            def __enter__(self):
-                with budget.condition:
-                    budget.condition.wait_for(lambda: budget.in_flight == 0 or budget.in_flight + pixels
-                                              <= budget.limit)
-                    budget.in_flight += pixels
-
-            def __exit__(self, *exc):
-                with budget.condition:
-                    budget.in_flight -= pixels
-                    idle = budget.in_flight == 0
-                    budget.condition.notify_all()
-                if idle and pixels > 2**22:
-                    give_memory_back()
-
-        return Held()
+        with self.condition:
+            self.condition.wait_for(lambda: self.in_flight == 0 or self.in_flight + pixels <= self.limit)
+            self.in_flight += pixels
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.in_flight -= pixels
+                idle = self.in_flight == 0
+                self.condition.notify_all()
+            if idle and pixels > 2**22:
+                give_memory_back()
 
 
 def _libc():
@@ -372,4 +368,4 @@ def serve(ckpt_path: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0
         workers_per_device: Inference processes per device.
         log_level: LitServe and uvicorn logging (info logs every request).
     """
-    run_server(SimpleNamespace(**{key: value for key, value in locals().items()}))
+    run_server(SimpleNamespace(**locals()))

@@ -54,13 +54,8 @@ def unwrap(checkpoint: Mapping, source: str = "checkpoint") -> dict[str, torch.T
                                f"tensors, or a dict under one of {list(_WRAPPERS)}")
         state = inner
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    stripped = True
-    while stripped and state:
-        stripped = False
-        for prefix in _PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                stripped = True
+    while state and (prefix := next((p for p in _PREFIXES if all(k.startswith(p) for k in state)), None)):
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
@@ -76,13 +71,8 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
                        "3.0.fn.0.*, ...) or timm's (stem.*, blocks.*, head.*)")
 
 
-def official_depth(state_dict: Mapping[str, torch.Tensor]) -> int:
-    """Depth of an official state dict: its highest index is the head, `depth + 5`."""
-    return max(int(_OFFICIAL_KEY.match(k).group(1)) for k in state_dict) - 5
-
-
 def official_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    depth = official_depth(state_dict)
+    depth = max(int(_OFFICIAL_KEY.match(k).group(1)) for k in state_dict) - 5  # the highest index is the head
     out = {}
     for key, value in state_dict.items():
         index, rest = _OFFICIAL_KEY.match(key).groups()
@@ -98,11 +88,6 @@ def official_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Any supported layout -> ours (timm's key names)."""
-    return official_to_timm(state_dict) if detect_layout(state_dict) == "official" else dict(state_dict)
-
-
 def read_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a weights file of either layout (.pth, .pth.tar, .pt, .bin, .ckpt or .safetensors) into ours."""
     path = Path(path)
@@ -110,23 +95,22 @@ def read_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"model.pretrained {path}: no such file")
     try:
         if path.suffix == ".safetensors":
-            try:
-                from safetensors.torch import load_file
-            except ImportError as err:
-                raise WeightsError(f"{path}: reading .safetensors needs the safetensors package "
-                                   "(pip install safetensors)") from err
+            from safetensors.torch import load_file
+
             checkpoint = load_file(str(path), device="cpu")
         else:
             # tensors and plain containers only; timm's training checkpoints also pickle their argparse options
             with torch.serialization.safe_globals([argparse.Namespace]):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except WeightsError:
-        raise
+    except ImportError as err:
+        raise WeightsError(f"{path}: reading .safetensors needs the safetensors package "
+                           "(pip install safetensors)") from err
     except Exception as err:  # truncated zip, not a checkpoint, foreign pickled objects: all say which file
         raise WeightsError(f"{path}: cannot read weights ({type(err).__name__}: {str(err).splitlines()[0]})") from err
     if not isinstance(checkpoint, Mapping):
         raise WeightsError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict")
-    return to_ours(unwrap(checkpoint, str(path)))
+    state = unwrap(checkpoint, str(path))
+    return official_to_timm(state) if detect_layout(state) == "official" else state  # ours are timm's key names
 
 
 def describe(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -147,11 +131,6 @@ def describe(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
 def trunk(arch: Mapping) -> dict:
     """dim, depth, kernel_size, patch_size and act of an architecture (hparams, a VARIANTS entry), defaults filled."""
     return {key: arch.get(key, default) for key, default in _TRUNK_DEFAULTS.items()}
-
-
-def model_trunk(model: ConvMixer) -> dict:
-    arch = describe(model.state_dict())
-    return trunk({**arch, "act": "relu" if isinstance(model.stem[1], nn.ReLU) else "gelu"})
 
 
 def timm_architecture(arch: Mapping) -> tuple[str, dict]:
@@ -193,9 +172,8 @@ def hf_folder(path: Path) -> Path | None:
     return folder if names_folder and (folder / HF_CONFIG).is_file() else None
 
 
-def read_hf_folder(path: Path, model: ConvMixer) -> Path:
-    """Check the folder's config.json against `model`; return the weights file to read."""
-    folder = hf_folder(path)
+def read_hf_folder(folder: Path, path: Path, model: ConvMixer) -> Path:
+    """Check the config.json of `folder` (which `path` names) against `model`; return the weights file to read."""
     source = f"model.pretrained {folder / HF_CONFIG}"
     try:
         config = json.loads((folder / HF_CONFIG).read_text())
@@ -203,7 +181,8 @@ def read_hf_folder(path: Path, model: ConvMixer) -> Path:
         raise WeightsError(f"{source}: not readable JSON ({err}); export the folder again") from err
     if not isinstance(config, Mapping):
         raise WeightsError(f"{source}: holds a {type(config).__name__}, not a timm model config")
-    theirs, ours = config_trunk(config, source), model_trunk(model)
+    act = "relu" if isinstance(model.stem[1], nn.ReLU) else "gelu"
+    theirs, ours = config_trunk(config, source), trunk({**describe(model.state_dict()), "act": act})
     if theirs != ours:
         fix = ", ".join(f"model.{key} {theirs[key]}" for key in theirs if theirs[key] != ours[key])
         raise WeightsError(f"{source}: the folder holds {config.get('architecture')} ({_spelled(theirs)}), the "
@@ -236,13 +215,6 @@ def state_differences(model: nn.Module, state: Mapping[str, torch.Tensor], n: in
     return "; ".join(f"{label} {short(items)}" for label, items in problems) or None
 
 
-def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load `state` into `model` strictly; what does not fit is one WeightsError."""
-    if problems := state_differences(model, state):
-        raise WeightsError(problems)
-    model.load_state_dict(state)
-
-
 def load_into(model: ConvMixer, state_dict: Mapping[str, torch.Tensor], source: str = "weights") -> bool:
     """Copy `state_dict` (our layout) into `model`. A head of another class count is left out (the model keeps its
     freshly initialised head); returns whether that happened. Anything else that does not fit is an error."""
@@ -254,9 +226,7 @@ def load_into(model: ConvMixer, state_dict: Mapping[str, torch.Tensor], source: 
     if head_reset:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
-    try:
-        load_state(model, state)
-    except WeightsError as err:
+    if problems := state_differences(model, state):
         hint = ""
         try:
             arch = describe(state_dict)
@@ -264,7 +234,8 @@ def load_into(model: ConvMixer, state_dict: Mapping[str, torch.Tensor], source: 
                     f"patch_size {arch['patch_size']} in_chans {arch['in_chans']}: set model.* to match")
         except WeightsError:
             pass
-        raise WeightsError(f"{source} does not fit the model: {err}{hint}") from None
+        raise WeightsError(f"{source} does not fit the model: {problems}{hint}")
+    model.load_state_dict(state)
     return head_reset
 
 
@@ -277,7 +248,7 @@ def load_pretrained(model: ConvMixer, path: str | Path) -> None:
         raise WeightsError(f"model.pretrained {path} is a folder without {HF_CONFIG}; name a weights file, or a "
                            "folder written by `convmixer export --format hf`")
     if folder is not None:
-        path = read_hf_folder(path, model)
+        path = read_hf_folder(folder, path, model)
     state = read_file(path)
     head = state.get("head.weight")
     if load_into(model, state, f"model.pretrained {path}"):

@@ -4,17 +4,12 @@
     convmixer export --ckpt_path checkpoints/digits/last.ckpt --format pt2 --output model.pt2
     convmixer export --ckpt_path checkpoints/digits/last.ckpt --format hf --output digits_hf [--push_to_hub REPO]
 
-`onnx`: ONNX (opset 18 by default, at least 17) through torch.onnx's exporter; run it with onnxruntime.
-`pt2`: a `torch.export` program; load it with `torch.export.load(path).module()`.
-(TorchScript is not offered: torch.jit is deprecated in favour of torch.export.)
-`hf`: a folder in the layout timm reads from the Hugging Face hub (`hub.py`, docs/sharing.md); `--push_to_hub`
-uploads it.
-
-The exported graph maps normalised images (N, in_chans, image_size, image_size) to logits (N, num_classes). The
-checkpoint's data config travels with the file in timm's terms, the same in every format: `pretrained_cfg`
-(input_size, mean, std, crop_pct, interpolation), `label_names` and `num_classes`, as the JSON of the ONNX metadata
-property `convmixer`, the extra file `convmixer.json` of a .pt2 archive, and the folder's config.json. Each output
-is written under a temporary name and moved into place.
+`onnx` goes through torch.onnx's exporter, `pt2` is a `torch.export` program (TorchScript is not offered:
+torch.jit is deprecated in favour of torch.export), `hf` a folder in the layout timm reads from the Hugging Face hub
+(`hub.py`, docs/sharing.md). The graph maps normalised images (N, C, H, W) to logits (N, num_classes); the
+checkpoint's data config travels with it in timm's terms, the same in every format (the ONNX metadata property
+`convmixer`, the extra file `convmixer.json` of a .pt2 archive, the folder's config.json). Each output is written
+under a temporary name and moved into place.
 """
 
 from __future__ import annotations
@@ -40,11 +35,7 @@ class ExportError(ValueError):
 
 def metadata(module) -> dict:
     """The preprocessing and class names that travel with an exported file, in timm's config.json terms."""
-    config = module.data_config
-    if config is None:
-        raise ExportError("the checkpoint stores no data config (preprocessing and classes); export a checkpoint "
-                          "written by `convmixer fit`")
-    return {"pretrained_cfg": config.pretrained_cfg(), "label_names": module.class_names,
+    return {"pretrained_cfg": module.data_config.pretrained_cfg(), "label_names": module.class_names,
             "num_classes": module.num_classes, "output": "logits"}
 
 
@@ -97,18 +88,6 @@ def write_hf(module, output: Path, **_) -> None:
 FORMATS = {"onnx": (".onnx", write_onnx), "pt2": (".pt2", write_pt2), "hf": ("_hf", write_hf)}
 
 
-def check_request(fmt: str, opset: int) -> None:
-    """Refuse a bad request before the checkpoint is read."""
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    if fmt == "onnx" and opset < 17:
-        raise ExportError(f"--opset {opset}: use 17 or newer")
-    if fmt == "onnx" and not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript")):
-        raise ExportError('ONNX export needs onnx and onnxscript: pip install "convmixer-pl[export]"')
-    if fmt == "hf":
-        hub.check_packages()
-
-
 def export(ckpt_path: str, format: Literal["onnx", "pt2", "hf"] = "onnx", output: str | None = None,
            opset: int = 18, push_to_hub: str | None = None) -> Path:
     """Export a checkpoint: ONNX, torch.export (.pt2) or a timm / Hugging Face folder.
@@ -122,10 +101,21 @@ def export(ckpt_path: str, format: Literal["onnx", "pt2", "hf"] = "onnx", output
         push_to_hub: With format hf: also upload the folder to this Hugging Face hub repo (needs a network and
             `hf auth login`).
     """
+    # a bad request is refused before the checkpoint is read
     if push_to_hub and format != "hf":
         raise ExportError(f"--push_to_hub uploads a timm folder: use it with --format hf, not {format}")
-    check_request(format, opset)
+    if format not in FORMATS:
+        raise ExportError(f"--format {format}: choose one of {', '.join(FORMATS)}")
+    if format == "onnx" and opset < 17:
+        raise ExportError(f"--opset {opset}: use 17 or newer")
+    if format == "onnx" and not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript")):
+        raise ExportError('ONNX export needs onnx and onnxscript: pip install "convmixer-pl[export]"')
+    if format == "hf":
+        hub.check_packages()
     module = load_module(ckpt_path)  # on the CPU, in eval mode
+    if module.data_config is None:
+        raise ExportError("the checkpoint stores no data config (preprocessing and classes); export a checkpoint "
+                          "written by `convmixer fit`")
     suffix, write = FORMATS[format]
     path = Path(output) if output else Path(ckpt_path).with_name(Path(ckpt_path).stem + suffix)
     if format != "hf" and path.is_dir():

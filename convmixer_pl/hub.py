@@ -1,11 +1,9 @@
 """A trained model as a folder in the layout timm reads from the Hugging Face hub, and its upload.
 
 The folder is what timm's own `save_for_hf` writes for a timm ConvMixer holding our weights (their keys are timm's):
-`model.safetensors` and `config.json` with `architecture`, `num_classes`, `num_features`, `global_pool`,
-`label_names` (our class names), `model_args` and `pretrained_cfg` (input_size, mean, std, crop_pct,
-interpolation: the evaluation preprocessing). A paper variant is its timm name, so `timm.create_model(
-"local-dir:FOLDER", pretrained=True)` builds and loads it; other sizes spell their arguments out in `model_args`
-for timm's `ConvMixer` class (see `weights.timm_architecture` and docs/sharing.md).
+`model.safetensors` and a `config.json` with our class names (`label_names`) and evaluation preprocessing
+(`pretrained_cfg`). A paper variant is its timm name; other sizes spell their arguments out in `model_args`
+(`weights.timm_architecture`, docs/sharing.md).
 
 Writing needs timm, safetensors and huggingface_hub; uploading needs a network and a hub login.
 """
@@ -32,13 +30,9 @@ def timm_model(module):
     from timm.models import build_model_with_cfg
     from timm.models.convmixer import ConvMixer
 
-    hparams, data = module.hparams, module.data_config
-    if data is None:
-        raise HubError("the checkpoint stores no data config (preprocessing and classes), which timm's config.json "
-                       "needs; export a checkpoint written by `convmixer fit`")
-    name, model_args = timm_architecture(hparams)
-    shape = trunk(hparams)
-    pretrained_cfg = dict(architecture=name, num_classes=module.num_classes, **data.pretrained_cfg(),
+    name, model_args = timm_architecture(module.hparams)
+    shape = trunk(module.hparams)
+    pretrained_cfg = dict(architecture=name, num_classes=module.num_classes, **module.data_config.pretrained_cfg(),
                           first_conv="stem.0", classifier="head")
     # timm's builder attaches pretrained_cfg and the traits its writer reads; no registry entry is involved
     model = build_model_with_cfg(ConvMixer, name, False, pretrained_cfg=pretrained_cfg, dim=shape["dim"],

@@ -7,6 +7,7 @@ it, and moves it into place with `os.replace`: a crash, a full disk or an error 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterator
@@ -42,18 +43,6 @@ def _reason(path: Path, err: OSError) -> str:
     return f"cannot write {path}: {err.strerror or err}"
 
 
-def _check_target(path: Path, make_parents: bool) -> None:
-    if path.is_dir():
-        raise OutputError(f"cannot write {path}: it is a folder; give a file name (such as {path / path.name})")
-    if not path.parent.is_dir():
-        if not make_parents:
-            raise OutputError(f"cannot write {path}: no folder {path.parent}; create it or choose another path")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(_reason(path, err)) from err
-
-
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", *, make_parents: bool = True,
                  **open_kwargs) -> Iterator[IO]:
@@ -66,13 +55,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, make_parents: bool
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
     path = Path(path)
-    _check_target(path, make_parents)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder; give a file name (such as {path / path.name})")
+    if not make_parents and not path.parent.is_dir():
+        raise OutputError(f"cannot write {path}: no folder {path.parent}; create it or choose another path")
     tmp = temporary_path(path)
     try:
-        handle = open(tmp, mode, **open_kwargs)
-    except OSError as err:
-        raise OutputError(_reason(path, err)) from err
-    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(tmp, mode, **open_kwargs)
+        except OSError as err:
+            raise OutputError(_reason(path, err)) from err
         with handle:
             try:
                 yield handle
@@ -83,29 +76,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, make_parents: bool
             try:
                 handle.flush()
                 os.fsync(handle.fileno())
+                handle.close()
+                os.replace(tmp, path)
             except OSError as err:
                 raise OutputError(_reason(path, err)) from err
-        try:
-            os.replace(tmp, path)
-        except OSError as err:
-            raise OutputError(_reason(path, err)) from err
     finally:
-        try:
+        with contextlib.suppress(OSError):  # already gone, or its folder went away: nothing of ours is left
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # already gone, or its folder went away: nothing of ours is left to clean
-    fsync_folder(path.parent)
+    _fsync_folder(path.parent)
 
 
-def fsync_folder(folder: str | os.PathLike) -> None:
+def _fsync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable (a no-op where folders cannot be opened, as on Windows)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -85,16 +85,12 @@ def _draw_grid(figure: Figure, ax, weights: np.ndarray, label: str, ylabel: bool
     bar.ax.xaxis.set_major_locator(MaxNLocator(5, symmetric=True))
 
 
-def chosen_blocks(depth: int, layers: int) -> list[int]:
-    """Up to `layers` evenly spaced block indices, the first and the last included."""
-    n = min(layers, depth)
-    return sorted({round(i * (depth - 1) / max(1, n - 1)) for i in range(n)})
-
-
 def depthwise_kernels(model: ConvMixer, layers: int = 6, per_layer: int = 64) -> Figure:
     """The first `per_layer` depthwise kernels of up to `layers` evenly spaced blocks, one panel per block, each on
     its own symmetric scale."""
-    blocks = chosen_blocks(len(model.blocks), layers)
+    depth = len(model.blocks)
+    n = min(layers, depth)
+    blocks = sorted({round(i * (depth - 1) / max(1, n - 1)) for i in range(n)})  # the first and the last included
     figure = Figure(figsize=(max(6.0, 0.4 + 2.9 * len(blocks)), 4.6), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(blocks)))
     for ax, i in zip(axes, blocks, strict=True):
@@ -103,7 +99,6 @@ def depthwise_kernels(model: ConvMixer, layers: int = 6, per_layer: int = 64) ->
         ax.set_title(f"block {i + 1}", fontsize=10)
     k, dim = model.blocks[0][0].fn[0].kernel_size[0], model.blocks[0][0].fn[0].out_channels
     shown = min(per_layer, dim)
-    depth = len(model.blocks)
     numbers = ", ".join(str(i + 1) for i in blocks)
     which = f"all {depth} blocks" if len(blocks) == depth else f"blocks {numbers} of {depth}"
     figure.suptitle(f"Depthwise {k}×{k} kernels of channels 0-{shown - 1} (of {dim})\nin {which}, each block on its "
@@ -177,16 +172,8 @@ CURVE_PANELS = (("loss", "cross-entropy", ("train/loss_epoch", "val/loss")),
 
 
 def has_curves(series: dict[str, list[tuple[int, float]]]) -> bool:
-    """Whether `read_metrics`'s answer holds anything `plot_curves` draws."""
+    """Whether `read_metrics`'s answer holds anything `curves` draws."""
     return any(key in series for _, _, keys in CURVE_PANELS for key in keys)
-
-
-def plot_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Loss and top-1 accuracy by epoch, training and validation, from a run's metrics.csv."""
-    series = read_metrics(metrics_csv)
-    if not has_curves(series):
-        raise ValueError(f"{metrics_csv} holds no train/val loss or acc1 by epoch; pass the log of a `convmixer fit`")
-    return save_figure(curves(series), path)
 
 
 def curves(series: dict[str, list[tuple[int, float]]]) -> Figure:
@@ -207,10 +194,6 @@ def curves(series: dict[str, list[tuple[int, float]]]) -> Figure:
 
 # -- confusion matrix ----------------------------------------------------------------------------------------------
 
-def plot_confusion_matrix(confmat: torch.Tensor, class_names: list[str], path: str | os.PathLike) -> Path:
-    return save_figure(confusion_matrix(confmat, class_names), path)
-
-
 def confusion_matrix(confmat: torch.Tensor, class_names: list[str]) -> Figure:
     """Rows: true class, columns: predicted class; torchmetrics draws it, with a colour bar of image counts."""
     from torchmetrics.classification import MulticlassConfusionMatrix
@@ -227,13 +210,12 @@ def confusion_matrix(confmat: torch.Tensor, class_names: list[str]) -> Figure:
     return figure
 
 
-def save_confusion_csv(confmat: torch.Tensor, class_names: list[str], path: str | os.PathLike) -> Path:
+def save_confusion_csv(confmat: torch.Tensor, class_names: list[str], path: str | os.PathLike) -> None:
     with atomic_write(path, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["true \\ predicted", *class_names])
         for name, row in zip(class_names, confmat.tolist(), strict=True):
             writer.writerow([name, *row])
-    return Path(path)
 
 
 def read_confusion_csv(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
@@ -247,11 +229,6 @@ def read_confusion_csv(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]
 def _newest(paths, accept=lambda path: True) -> Path | None:
     found = [path for path in paths if accept(path)]
     return max(found, key=lambda path: path.stat().st_mtime) if found else None
-
-
-def _has_training(metrics_csv: Path) -> bool:
-    with open(metrics_csv, newline="") as handle:
-        return any(name.startswith("train/") for name in next(csv.reader(handle), []))
 
 
 def plots(ckpt_path: str, log_dir: str | None = None, out: str | None = None) -> Path:
@@ -270,15 +247,15 @@ def plots(ckpt_path: str, log_dir: str | None = None, out: str | None = None) ->
     module = load_module(checkpoint)
     folder = Path(out) if out else checkpoint.parent / "plots"
     save_weight_grids(module.model, folder)
-    metrics = _newest(logs.rglob("metrics.csv"), _has_training)
+    metrics = _newest(logs.rglob("metrics.csv"), lambda path: has_curves(read_metrics(path)))  # a fit's, not a test's
     confusion = _newest(logs.rglob("confusion_matrix.csv"))
     if metrics is None:
         say(f"no {CURVES}: no metrics.csv of a fit under {logs}/; run `convmixer fit` with the CSV logger "
             "(the default)")
     else:
-        plot_curves(metrics, folder / CURVES)
+        save_figure(curves(read_metrics(metrics)), folder / CURVES)
     if confusion is None:
         say(f"no {CONFUSION}: no confusion_matrix.csv under {logs}/; run `convmixer test` first")
     else:
-        plot_confusion_matrix(*read_confusion_csv(confusion), folder / CONFUSION)
+        save_figure(confusion_matrix(*read_confusion_csv(confusion)), folder / CONFUSION)
     return folder

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from convmixer_pl.callbacks.report import PER_CLASS, PerClassReport, read_per_class
+from convmixer_pl.callbacks.report import PER_CLASS, PerClassReport
 from convmixer_pl.module import ConvMixerClassifier
 from convmixer_pl.preprocessing import DataConfig
 
@@ -30,7 +32,8 @@ def test_report_counts_one_test_run_and_agrees_with_its_confusion_matrix(tmp_pat
         trainer.test(model, dataloaders=data, verbose=False)
         counts = report.confusion
         assert counts.sum() == 7 and counts.sum(1).tolist() == [2, 2, 3]
-    rows = read_per_class(tmp_path / PER_CLASS)
+    with open(tmp_path / PER_CLASS, newline="") as handle:
+        rows = list(csv.DictReader(handle))
     assert [row["class"] for row in rows] == [*NAMES, "macro avg", "weighted avg"]
     for i, row in enumerate(rows[:3]):
         tp = counts[i, i].item()

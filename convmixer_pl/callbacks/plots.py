@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from ..console import say
-from ..plots import CURVES, has_curves, log_folder, plot_curves, read_metrics, save_weight_grids
+from ..plots import CURVES, curves, has_curves, log_folder, read_metrics, save_figure, save_weight_grids
 
 
 class PlotWriter(Callback):
@@ -36,8 +36,9 @@ class PlotWriter(Callback):
         else:
             logger.save()
             metrics = logger.experiment.metrics_file_path
-            if os.path.isfile(metrics) and has_curves(read_metrics(metrics)):
-                written.append(plot_curves(metrics, out / CURVES))
+            series = read_metrics(metrics) if os.path.isfile(metrics) else {}
+            if has_curves(series):
+                written.append(save_figure(curves(series), out / CURVES))
             else:  # nothing trained in this call (a finished run resumed): no epochs to draw
                 say(f"no {CURVES}: this run logged no epoch's loss or accuracy")
         say(f"plots written to {out}/: {', '.join(path.name for path in written)}")

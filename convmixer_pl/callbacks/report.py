@@ -23,7 +23,7 @@ from torchmetrics.classification import (
 
 from ..console import say
 from ..files import atomic_write
-from ..plots import CONFUSION, log_folder, plot_confusion_matrix, save_confusion_csv
+from ..plots import CONFUSION, confusion_matrix, log_folder, save_confusion_csv, save_figure
 
 PER_CLASS = "per_class.csv"
 SCORES = {"precision": MulticlassPrecision, "recall": MulticlassRecall, "f1": MulticlassF1Score}
@@ -60,7 +60,6 @@ class PerClassReport(Callback):
     def __init__(self, enabled: bool = True, out_dir: str | None = None, max_printed: int = 50) -> None:
         self.enabled, self.out_dir, self.max_printed = enabled, out_dir, max_printed
         self.metrics: MetricCollection | None = None
-        self.table: list[list] | None = None  # the last run's rows, as written to per_class.csv
         self.confusion: torch.Tensor | None = None
         self._pending: tuple[str | None, Path] | None = None  # (table to print, folder), printed in teardown
 
@@ -81,14 +80,14 @@ class PerClassReport(Callback):
         if not trainer.is_global_zero:
             return
         names = pl_module.class_names
-        self.confusion, self.table = values["confusion"], per_class_table(names, values)
+        self.confusion, table = values["confusion"], per_class_table(names, values)
         with atomic_write(out / PER_CLASS, newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["class", "precision", "recall", "f1", "support"])
-            writer.writerows([row[0], *(f"{v:.6f}" for v in row[1:4]), row[4]] for row in self.table)
+            writer.writerows([row[0], *(f"{v:.6f}" for v in row[1:4]), row[4]] for row in table)
         save_confusion_csv(self.confusion, names, out / "confusion_matrix.csv")
-        plot_confusion_matrix(self.confusion, names, out / CONFUSION)
-        self._pending = (format_table(self.table) if len(names) <= self.max_printed else None, out)
+        save_figure(confusion_matrix(self.confusion, names), out / CONFUSION)
+        self._pending = (format_table(table) if len(names) <= self.max_printed else None, out)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         # after the progress bar has finished its line and Lightning has printed its results: on lines of its own
@@ -107,8 +106,3 @@ def format_table(rows: list[list]) -> str:
             lines.append("")
         lines.append(f"{name:<{width}} {p:>9.4f} {r:>9.4f} {f:>9.4f} {s:>8d}")
     return "\n".join(lines)
-
-
-def read_per_class(path: str | Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))

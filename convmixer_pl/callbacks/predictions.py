@@ -32,7 +32,6 @@ class PredictionWriter(BasePredictionWriter):
         if top_k < 1:
             raise ValueError(f"predictions.top_k must be at least 1, got {top_k}")
         self.output, self.top_k, self.json = output, top_k, json
-        self.written: Path | None = None
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         if trainer.predict_loop.num_dataloaders > 1:
@@ -50,31 +49,29 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             dataset = trainer.predict_dataloaders.dataset if isinstance(trainer.predict_dataloaders, DataLoader) \
                 else trainer.predict_dataloaders[0].dataset
-            self.written = self._write(trainer, pl_module, dataset, parts)
+            self._write(trainer, pl_module, dataset, parts)
         trainer.strategy.barrier()
 
-    def _write(self, trainer, pl_module, dataset, parts) -> Path:
+    def _write(self, trainer, pl_module, dataset, parts) -> None:
         names = pl_module.class_names
-        rows: dict[int, tuple] = {}
+        top_k: dict[int, list[dict]] = {}
         for indices, values, classes in parts:
-            for index, value, cls in zip(indices.tolist(), values.tolist(), classes.tolist(), strict=True):
-                rows[index] = (value, cls)  # a sampler that pads with repeats gives the same row twice
+            for index, ps, cs in zip(indices.tolist(), values.tolist(), classes.tolist(), strict=True):
+                # a sampler that pads with repeats gives the same row twice
+                top_k[index] = [{"class": names[c], "prob": round(p, 6)} for p, c in zip(ps, cs, strict=True)]
         paths = getattr(dataset, "paths", None) or [path for path, _ in getattr(dataset, "samples", [])] or None
         targets = getattr(dataset, "targets", None)
         k = min(self.top_k, len(names))
         fixed = ["index"] + (["path"] if paths else []) + (["target"] if targets is not None else [])
         header = fixed + [f"{field}{j}" for j in range(1, k + 1) for field in ("class", "prob")]
         records = []
-        for index in sorted(rows):
-            value, cls = rows[index]
+        for index in sorted(top_k):
             record = {"index": index}
             if paths:
                 record["path"] = str(paths[index])
             if targets is not None:
                 record["target"] = names[int(targets[index])]
-            record["top_k"] = [{"class": names[c], "prob": round(float(p), 6)}
-                               for p, c in zip(value, cls, strict=True)]
-            records.append(record)
+            records.append({**record, "top_k": top_k[index]})
         output = Path(self.output) if self.output else Path(trainer.default_root_dir) / "predictions.csv"
         with atomic_write(output, newline="") as handle:  # a failure leaves the previous file as it was
             writer = csv.writer(handle)
@@ -88,4 +85,3 @@ class PredictionWriter(BasePredictionWriter):
             with atomic_write(json_path) as handle:
                 handle.write(json.dumps(records, indent=1) + "\n")
             say(f"and to {json_path}")
-        return output

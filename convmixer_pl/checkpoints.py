@@ -189,11 +189,9 @@ def load_module(path: str | os.PathLike):
 # -- writing -------------------------------------------------------------------------------------------------------
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes local checkpoints beside their target, fsyncs, then renames: a crash leaves the old file or the new.
-
-    (Lightning's own writer stages the file in the system temp folder, which a rename cannot move atomically when
-    that folder is on another file system, and does not fsync.) Remote paths (s3://, ...) keep Lightning's writer.
-    """
+    """Local checkpoints through `atomic_write`: Lightning's own writer stages the file in the system temp folder,
+    which a rename cannot move atomically from another file system, and does not fsync. Remote paths (s3://, ...)
+    keep Lightning's writer."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
@@ -218,10 +216,8 @@ def remove_stale_temporaries(folder: str | os.PathLike | None) -> list[Path]:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    except OSError as err:
+        return isinstance(err, PermissionError)  # another user's process, alive
     return True
 
 
@@ -312,7 +308,5 @@ class RunCheckpoint(ModelCheckpoint):
 
     def existing_checkpoint(self) -> str | None:
         """The newest checkpoint this run wrote that is still on disk, for messages after a failure."""
-        for path in (self.last_model_path, self.best_model_path):
-            if path and os.path.isfile(path):
-                return path
-        return None
+        return next((path for path in (self.last_model_path, self.best_model_path) if path and os.path.isfile(path)),
+                    None)

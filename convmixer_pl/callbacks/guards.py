@@ -32,7 +32,7 @@ class Interrupted(TrainingStopped):
 
 
 class NonFiniteLoss(TrainingStopped):
-    exit_code = 1
+    """A NaN or infinite loss, or weights, stopped the run."""
 
 
 def run_checkpoint(trainer) -> RunCheckpoint | None:
@@ -100,7 +100,12 @@ class StopGuard(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         signalled, self._signalled = self._signalled, None
-        self._stop_if_signalled(trainer, signalled)
+        if not self.handle_signals:
+            return
+        if signalled is None:  # this step's loss check did not ask already (check_finite off)
+            signalled = _on_any_rank(trainer, self._signal is not None)[0]
+        if signalled:
+            self._stop(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # a signal during the epoch's validation: let Lightning log the epoch's training metrics, then stop
@@ -108,18 +113,13 @@ class StopGuard(Callback):
             trainer.should_stop = True
             self._stop_after_epoch = True
 
-    def _stop_if_signalled(self, trainer, signalled: bool | None = None) -> None:
-        """Stop if any process got a signal; `signalled` is that answer when this step's check already has it."""
-        if not self.handle_signals:
-            return
-        stop = signalled if signalled is not None else _on_any_rank(trainer, self._signal is not None)[0]
-        if stop:
-            self._stop(trainer)
-
     def _stop(self, trainer) -> None:
         signum = self._signal or signal.SIGTERM
-        checkpoint = run_checkpoint(trainer)
-        path = checkpoint.write_last(trainer) if checkpoint else _save_beside_logs(trainer)
+        if checkpoint := run_checkpoint(trainer):
+            path = checkpoint.write_last(trainer)
+        else:  # a plain Trainer, without the run's checkpoint callback: last.ckpt in its root folder
+            path = os.path.join(trainer.default_root_dir, "last.ckpt")
+            trainer.save_checkpoint(path, weights_only=False)
         raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; "
                                   f"saved {path}. Continue with the same command and --ckpt_path last")
 
@@ -157,10 +157,3 @@ def _kept(trainer, verb: str) -> str:
     checkpoint = run_checkpoint(trainer)
     last = checkpoint.existing_checkpoint() if checkpoint else None
     return f"the last checkpoint, {last}, is untouched" if last else f"no checkpoint {verb} written yet"
-
-
-def _save_beside_logs(trainer) -> str:
-    """Without the run's checkpoint callback (a plain Trainer): last.ckpt in the run's root folder."""
-    path = os.path.join(trainer.default_root_dir, "last.ckpt")
-    trainer.save_checkpoint(path, weights_only=False)
-    return path

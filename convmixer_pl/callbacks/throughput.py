@@ -24,28 +24,26 @@ class ThroughputCallback(L.Callback):
         self._images = 0
         self._val_start: float | None = None
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start, self._paused, self._images = None, 0.0, 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if self._start is None:  # from the first batch on: worker start-up is not the steps' speed
             self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._images += extract_batch_size(batch)
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_start(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             self._val_start = time.perf_counter()
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
         if self._val_start is not None:
             self._paused += time.perf_counter() - self._val_start
             self._val_start = None
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._start is None or not self._images:
             return
         if trainer.strategy.root_device.type == "cuda":

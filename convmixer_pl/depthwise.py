@@ -111,11 +111,6 @@ class _CPUDepthwise(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def _cpu_bf16(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-
-
 class DepthwiseConv2d(nn.Conv2d):
     """`nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same")` for an odd kernel: same parameters, same
     state_dict, same outputs; only the CPU weight gradient is computed differently (see the module docstring)."""
@@ -127,7 +122,8 @@ class DepthwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.fast_cpu_grad and x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
                 and not torch.compiler.is_compiling()):
-            if _cpu_bf16(x):
+            if x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                             and torch.get_autocast_dtype("cpu") == torch.bfloat16):
                 return _CPUDepthwise.apply(x.to(torch.bfloat16), self.weight, self.bias)
             if x.dtype == torch.float32 and _fits_compiled(x, self.kernel_size[0]):
                 return _CPUDepthwise.apply(x, self.weight, self.bias)

@@ -4,18 +4,14 @@
     curl -F file=@digit.png http://127.0.0.1:8000/predict
     curl -H "Content-Type: image/png" --data-binary @digit.png http://127.0.0.1:8000/predict
 
-The answer is JSON, `{"top_k": [{"class": "3", "prob": 0.97}, ...], "batch_size": 4}`: the top-k classes of the
-checkpoint's class names, most probable first, and how many requests the server ran in the same forward pass.
-GET / is a page to drop an image on (`serve_page.py`); docs/serving.md has the options, the errors and the throughput.
+The answer is `{"top_k": [{"class": "3", "prob": 0.97}, ...], "batch_size": 4}`: the top-k of the checkpoint's
+class names, and how many requests ran in the same forward pass. GET / is a page to drop an image on
+(`serve_page.py`); docs/serving.md has the options, the errors and the throughput.
 
-This module owns the command line, turning an upload into the model's input or a 4xx with a one-line reason, and
-the LitAPI that batches requests and runs the model. The two halves run in different processes: uploads are read,
-checked, decoded, resized and cropped in the HTTP process (LitServe's uvicorn server; the data config's per-image
-half), so that a bad one is answered there and never reaches a batch (LitServe fails every request of a batch when
-one of them raises); the inference worker normalises the uint8 crops on the model's device (the per-batch half),
-runs the model and takes the top-k. Preprocessing and class names are the checkpoint's data config, as for
-`convmixer predict`. Decoding holds at most `--decode_pixels` pixels in flight, whatever the uploads: larger
-images wait their turn, and the memory of a large decode is handed back to the system once it is done.
+Uploads are read, checked, decoded, resized and cropped in LitServe's HTTP process (the data config's per-image
+half), so that a bad one is answered there with a 4xx and never reaches a batch (LitServe fails every request of a
+batch when one of them raises); the inference workers normalise the uint8 crops on the model's device (the
+per-batch half), run the model and take the top-k. Decoding holds at most `--decode_pixels` pixels at once.
 """
 
 # no `from __future__ import annotations`: LitServe reads decode_request's annotation (the upload dependency)
@@ -61,6 +57,12 @@ class ServeError(ValueError):
     """A bad `convmixer serve` option or checkpoint; the message names it and the fix."""
 
 
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:
+    _LIBC = None  # not glibc: its allocator decides
+
+
 # -- the HTTP process: an upload becomes a uint8 crop, or a 4xx ----------------------------------------------------
 
 class PixelBudget:
@@ -84,28 +86,8 @@ class PixelBudget:
                 self.in_flight -= pixels
                 idle = self.in_flight == 0
                 self.condition.notify_all()
-            if idle and pixels > 2**22:
-                give_memory_back()
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None  # not glibc: its allocator decides
-
-
-def give_memory_back() -> None:
-    if (libc := _libc()) is not None:
-        libc.malloc_trim(0)
-
-
-def map_large_allocations(threshold: int = 4 * 2**20) -> None:
-    """Decoded images (megabytes each) get memory of their own from the system and give it back when freed:
-    glibc's default raises its threshold for that after the first large free, and then keeps freed images in
-    each decoding thread's heap."""
-    if (libc := _libc()) is not None:
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+            if idle and pixels > 2**22 and _LIBC is not None:
+                _LIBC.malloc_trim(0)
 
 
 @dataclass(frozen=True)
@@ -173,11 +155,9 @@ def decode(data: bytes, rules: UploadRules) -> np.ndarray:
         with rules.budget(pixels):
             image = read_image(BytesIO(data), rules.mode)
             return np.ascontiguousarray(rules.crop(image).numpy())
-    except Image.DecompressionBombWarning as err:  # between PIL's limit and twice it
-        raise reject(413, f"refused as a decompression bomb ({err}): send a smaller image") from err
-    except DataError as err:
+    except (DataError, Image.DecompressionBombWarning) as err:  # the warning: between PIL's limit and twice it
         cause = err.__cause__ or err
-        if isinstance(cause, Image.DecompressionBombError):
+        if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
             raise reject(413, f"refused as a decompression bomb ({cause}): send a smaller image") from err
         reason = ("PIL knows no image format that starts like these bytes"
                   if isinstance(cause, Image.UnidentifiedImageError) else f"{type(cause).__name__}: {cause}")
@@ -204,9 +184,6 @@ async def read_upload(request: Request) -> np.ndarray:
     return await run_in_threadpool(decode, data, rules)  # decoding would block the event loop
 
 
-UploadedImage = Annotated[np.ndarray, Depends(read_upload)]
-
-
 # -- the inference worker: batches of crops -> top-k ----------------------------------------------------------------
 
 class ConvMixerAPI(ls.LitAPI):
@@ -229,7 +206,7 @@ class ConvMixerAPI(ls.LitAPI):
         self.class_names = module.class_names
         self.k = min(self.top_k, len(self.class_names))
 
-    def decode_request(self, request: UploadedImage) -> torch.Tensor:
+    def decode_request(self, request: Annotated[np.ndarray, Depends(read_upload)]) -> torch.Tensor:
         return torch.from_numpy(request)  # read and checked in the HTTP process: read_upload
 
     def predict(self, crops: torch.Tensor) -> list[dict] | dict:
@@ -319,20 +296,6 @@ def add_page(server: ls.LitServer, content: str) -> None:
         return HTMLResponse(content)
 
 
-def run_server(args: SimpleNamespace) -> None:
-    server = build_server(args)
-    check_port_free(args.host, args.port)
-    # the HTTP process decodes uploads in threads; PIL only warns between its pixel limit and twice it, and a
-    # warning filter is process-wide, so it is set here, before LitServe forks the HTTP process
-    warnings.simplefilter("error", Image.DecompressionBombWarning)
-    torch.set_num_threads(1)  # the HTTP process crops one image per thread; the model runs in the workers
-    map_large_allocations()  # inherited by the HTTP process that LitServe forks
-    stop_on_sigterm()
-    say(f"serving {args.ckpt_path} on http://{'[::1]' if args.host == '::' else args.host}:{args.port}/ "
-        f"(POST /predict, a page at /; max_batch_size {args.max_batch_size}, batch_timeout {args.batch_timeout} s)")
-    server.run(host=args.host, port=args.port, log_level=args.log_level, generate_client_file=False)
-
-
 def stop_on_sigterm() -> None:
     """SIGTERM (kill, docker stop) shuts the server down as Ctrl+C does, so LitServe stops its worker processes
     too. The HTTP process that LitServe forks inherits the handler: uvicorn re-raises the signal there once it has
@@ -368,4 +331,18 @@ def serve(ckpt_path: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0
         workers_per_device: Inference processes per device.
         log_level: LitServe and uvicorn logging (info logs every request).
     """
-    run_server(SimpleNamespace(**locals()))
+    args = SimpleNamespace(**locals())
+    server = build_server(args)
+    check_port_free(host, port)
+    # everything below is inherited by the HTTP process that LitServe forks, which decodes uploads in threads:
+    # PIL only warns between its pixel limit and twice it, and a warning filter is process-wide
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    torch.set_num_threads(1)  # the HTTP process crops one image per thread; the model runs in the workers
+    if _LIBC is not None:
+        # decoded images (megabytes each) get memory of their own from the system and give it back when freed:
+        # glibc's default raises its threshold after the first large free and then keeps them in each thread's heap
+        _LIBC.mallopt(-3, 4 * 2**20)  # M_MMAP_THRESHOLD
+    stop_on_sigterm()
+    say(f"serving {ckpt_path} on http://{'[::1]' if host == '::' else host}:{port}/ (POST /predict, a page at /; "
+        f"max_batch_size {max_batch_size}, batch_timeout {batch_timeout} s)")
+    server.run(host=host, port=port, log_level=log_level, generate_client_file=False)

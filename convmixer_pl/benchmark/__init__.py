@@ -29,7 +29,7 @@ import torch
 from ..files import atomic_write
 from ..model import VARIANTS
 from ..module import use_channels_last
-from .measure import Clock, Figure, PeakMemory, cpu_name, paired_ratio, run_metrics, sync, time_calls
+from .measure import Clock, Figure, PeakMemory, cpu_name, paired_ratio, run_metrics, time_calls
 from .runners import AUGMENTATIONS, Setup, augmentation_rates, make_pool, measure
 
 RUNNERS, PHASES = ("lightning", "plain", "official"), ("train", "infer")
@@ -93,18 +93,15 @@ def benchmark(
     if min(steps, rounds, batch_size) < 1 or warmup < 0:
         raise BenchmarkError(f"--steps {steps}, --rounds {rounds} and --batch_size {batch_size} must be at least 1 "
                              f"and --warmup {warmup} at least 0")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto"
-                       else device)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if threads:
         torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*(log_every_n_steps|does not have many workers|no `val_dataloader`"
                                               r"|LeafSpec)")
-    arch = {**VARIANTS[variant], **{k: v for k, v in dict(dim=dim, depth=depth, kernel_size=kernel_size,
-                                                           patch_size=patch_size, num_classes=num_classes).items()
-                                     if v is not None}}
-    arch.setdefault("num_classes", 1000)
+    given = dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size, num_classes=num_classes)
+    arch = {"num_classes": 1000, **VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}}
     size = image_size or (32 if arch["num_classes"] == 10 else 224)
     setup = Setup(arch, size, batch_size, precision, use_channels_last(channels_last, dev, arch["kernel_size"]),
                   compile, compile_mode, grad_checkpointing == "on", cudnn_benchmark, not stock_depthwise)
@@ -210,5 +207,5 @@ def _augmentation(name: str, device: torch.device, batch_size: int) -> dict[str,
             for side, f in (("per_image", per_image), ("batched", batched))}
 
 
-__all__ = ["BenchmarkError", "Clock", "Figure", "PeakMemory", "benchmark", "cpu_name", "paired_ratio",
-           "run_metrics", "sync", "time_calls"]
+__all__ = ["BenchmarkError", "Clock", "Figure", "PeakMemory", "benchmark", "cpu_name", "paired_ratio", "run_metrics",
+           "time_calls"]

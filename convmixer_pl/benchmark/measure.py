@@ -101,10 +101,9 @@ def paired_ratio(mine: list[Figure], theirs: list[Figure]) -> float:
 
 
 def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
     raise OSError(f"{key} not in /proc/self/status")
 
 
@@ -124,11 +123,10 @@ class PeakMemory:
     @staticmethod
     def _reset_rss_peak() -> bool:
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            return True
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         except OSError:
             return False
+        return True
 
     def start(self) -> None:
         gc.collect()

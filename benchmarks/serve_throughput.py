@@ -15,7 +15,6 @@ import contextlib
 import http.client
 import io
 import json
-import logging
 import os
 import shlex
 import signal
@@ -38,21 +37,17 @@ from torchvision.io import encode_png
 from benchmarks.official import convmixer_command, convmixer_env
 from convmixer_pl.benchmark import Figure, cpu_name, time_calls
 from convmixer_pl.checkpoints import load_module
+from convmixer_pl.data.cifar import CIFAR10_CLASSES
 from convmixer_pl.files import atomic_write
+from convmixer_pl.module import ConvMixerClassifier
+from convmixer_pl.preprocessing import DataConfig
 
 
 def build_checkpoint(path: Path) -> Path:
-    """ConvMixer-256/8 for 32 px CIFAR-10-like images, random weights, written by Lightning's checkpointing."""
-    import lightning as L
-
-    from convmixer_pl.module import ConvMixerClassifier
-    from convmixer_pl.preprocessing import DataConfig
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
-    trainer.strategy.connect(ConvMixerClassifier("convmixer_256_8", data_config=DataConfig(32, class_names=classes)))
-    trainer.save_checkpoint(path)
+    """ConvMixer-256/8 for 32 px CIFAR-10 images, random weights: the state dict and hyper-parameters that
+    `load_module` (and so `convmixer serve`) reads from a checkpoint of `convmixer fit`."""
+    module = ConvMixerClassifier("convmixer_256_8", data_config=DataConfig(32, class_names=CIFAR10_CLASSES))
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return path
 
 

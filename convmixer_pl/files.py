@@ -44,21 +44,18 @@ def _reason(path: Path, err: OSError) -> str:
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", *, make_parents: bool = True,
-                 **open_kwargs) -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file for writing `path` (text with mode "w", bytes with "wb"), moved into place on success.
 
-    `open_kwargs` go to `open` (newline, encoding, ...). Missing parent folders are created unless `make_parents`
-    is false. If the block raises, the temporary file is removed and `path` is left as it was; errors of the file
-    system (a folder in the way, no permission, a full disk) become one-line `OutputError`s.
+    `open_kwargs` go to `open` (newline, encoding, ...). Missing parent folders are created. If the block raises,
+    the temporary file is removed and `path` is left as it was; errors of the file system (a folder in the way, no
+    permission, a full disk) become one-line `OutputError`s.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"cannot write {path}: it is a folder; give a file name (such as {path / path.name})")
-    if not make_parents and not path.parent.is_dir():
-        raise OutputError(f"cannot write {path}: no folder {path.parent}; create it or choose another path")
     tmp = temporary_path(path)
     try:
         try:

@@ -49,9 +49,9 @@ def one_line(err: BaseException) -> str:
     return " ".join(message.split())
 
 
-def fail(message: str, prog: str = "convmixer", code: int = 2) -> None:
+def fail(message: str, prog: str = "convmixer") -> None:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    sys.exit(2)
 
 
 def run_entry_point(main: Callable[[], T], prog: str = "convmixer") -> T:

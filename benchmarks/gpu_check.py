@@ -10,7 +10,6 @@ markdown table; `--cpu_tiny true` runs every part tiny on the CPU, `convmixer` i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -18,7 +17,7 @@ import shlex
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -221,9 +220,9 @@ def gpu_check(tarball: str | None = None, out: str = "gpu_check", official_repo:
     if cpu_tiny:
         torch.set_num_threads(threads or 1)  # convmixer runs in this process
     root = official.image_root(tarball, None, work)
-    recipe = dataclasses.replace(official.Recipe(), epochs=1 if cpu_tiny else 2,
-                                 workers=(0 if cpu_tiny else 8) if workers is None else workers,
-                                 **(dict(hdim=16, depth=2, conv_ks=3, batch_size=16) if cpu_tiny else {}))
+    recipe = replace(official.Recipe(), epochs=1 if cpu_tiny else 2,
+                     workers=(0 if cpu_tiny else 8) if workers is None else workers,
+                     **(dict(hdim=16, depth=2, conv_ks=3, batch_size=16) if cpu_tiny else {}))
     check = Check(work, root, cpu_tiny, device, start + budget_s, threads, official_repo, shlex.split(recipe_extra),
                   recipe, 2 if cpu_tiny else 40, official.count_images(root / "train"))
     for part in PARTS:

@@ -31,6 +31,7 @@ _MAX_COMPILED_SHAPES = 6  # below torch._dynamo's recompile limit, past which it
 
 _compiled_fn = None  # the torch.compile'd `_weight_grad_taps`, built on first use; False once compiling failed
 _compiled_keys: set[tuple] = set()
+_checked_keys: set[tuple] = set()  # shapes whose compiled result matched oneDNN's
 
 
 def _weight_grad_taps(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,22 +69,46 @@ def _use_compiled(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> bool
     return True
 
 
+def _disable_compiled(reason: str) -> None:
+    global _compiled_fn
+    _compiled_fn = False
+    warnings.warn(f"convmixer_pl.depthwise: {reason}; using oneDNN's weight gradient", stacklevel=3)
+
+
 def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, with_bias: bool):
     global _compiled_fn
     padding = weight.shape[-1] // 2
+    x32, grad32 = x.float(), grad_out.float()
     if _use_compiled(x, grad_out, padding):
         try:
             if _compiled_fn is None:
                 _compiled_fn = torch.compile(_weight_grad_taps, dynamic=False)
             grad_w, grad_b = _compiled_fn(x, grad_out, padding)
-            return grad_w, grad_b if with_bias else None
         except Exception as err:  # a compiler missing or failing: fall back for the rest of the process
-            _compiled_fn = False
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            warnings.warn(f"convmixer_pl.depthwise: compiling the CPU weight-gradient kernel failed ({first_line}); "
-                          "using oneDNN's", stacklevel=2)
-    _, grad_w, grad_b = onednn_backward(grad_out.float(), x.float(), weight.float(), [False, True, with_bias])
+            _disable_compiled(f"compiling the CPU weight-gradient kernel failed ({first_line})")
+        else:
+            key = (tuple(x.shape), x.dtype, grad_out.dtype, padding)
+            if key in _checked_keys:
+                return grad_w, grad_b if with_bias else None
+            # Inductor has generated wrong code for this reduction (vector stores wider than the loop step:
+            # NaNs where the CPU capability is held below the hardware's), so each new shape's first result is
+            # checked against oneDNN's before the kernel is trusted
+            _, ref_w, ref_b = onednn_backward(grad32, x32, weight.float(), [False, True, True])
+            if _matches(grad_w, ref_w) and _matches(grad_b, ref_b):
+                _checked_keys.add(key)
+                return grad_w, grad_b if with_bias else None
+            _disable_compiled(f"the compiled CPU weight-gradient kernel disagreed with oneDNN's for shape "
+                              f"{list(x.shape)}")
+            return ref_w, ref_b if with_bias else None
+    _, grad_w, grad_b = onednn_backward(grad32, x32, weight.float(), [False, True, with_bias])
     return grad_w, grad_b
+
+
+def _matches(value: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Equal up to fp32 summation order: within 1e-3 of the reference's largest magnitude, and finite."""
+    scale = reference.abs().max().item()
+    return bool(torch.isfinite(value).all()) and (value - reference).abs().max().item() <= 1e-3 * scale + 1e-6
 
 
 class _CPUDepthwise(torch.autograd.Function):

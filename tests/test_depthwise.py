@@ -26,6 +26,7 @@ def weight_grad_path(request, monkeypatch):
     """Route the weight gradient through oneDNN's fp32 one, or through the compiled kernel (on a tiny tensor)."""
     monkeypatch.setattr(depthwise, "COMPILED_MIN_NUMEL", 0 if request.param == "compiled" else 2**62)
     monkeypatch.setattr(depthwise, "_compiled_keys", set())
+    monkeypatch.setattr(depthwise, "_checked_keys", set())
     yield request.param
     assert bool(depthwise._compiled_keys) == (request.param == "compiled")  # the path taken was the one asked for
 
@@ -101,6 +102,33 @@ def test_eval_and_frozen_weights_take_nn_conv2d_path():
     conv.weight.requires_grad_(False)
     with torch.autocast("cpu", torch.bfloat16):
         assert "ConvolutionBackward" in type(conv(x.requires_grad_()).grad_fn).__name__
+
+
+def test_a_compiled_kernel_that_disagrees_with_onednn_is_dropped(monkeypatch):
+    """Wrong generated code (NaNs, values from memory it never wrote) is caught on a shape's first call: that call
+    returns oneDNN's gradient and the rest of the process uses oneDNN."""
+    monkeypatch.setattr(depthwise, "COMPILED_MIN_NUMEL", 0)
+    monkeypatch.setattr(depthwise, "_compiled_keys", set())
+    monkeypatch.setattr(depthwise, "_checked_keys", set())
+    calls = []
+
+    def wrong(x, grad_out, padding):
+        calls.append(x.shape)
+        w, b = depthwise._weight_grad_taps(x, grad_out, padding)
+        return w.index_fill(0, torch.tensor([1]), float("nan")), b
+
+    monkeypatch.setattr(depthwise, "_compiled_fn", wrong)
+    conv, stock = _pair()
+    x = torch.randn(2, CHANNELS, 8, 8).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, CHANNELS, 8, 8).contiguous(memory_format=torch.channels_last)
+    with pytest.warns(UserWarning, match="disagreed with oneDNN"):
+        conv(x).backward(grad_out)
+    stock(x).backward(grad_out)
+    torch.testing.assert_close(conv.weight.grad, stock.weight.grad)
+    assert depthwise._compiled_fn is False and len(calls) == 1
+    conv.weight.grad = None
+    conv(x).backward(grad_out)  # oneDNN from now on: the wrong kernel is not called again
+    assert len(calls) == 1 and torch.isfinite(conv.weight.grad).all()
 
 
 FALLBACK = """

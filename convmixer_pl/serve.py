@@ -40,6 +40,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from .callbacks.predictions import top_classes
 from .checkpoints import load_module
 from .console import say
 from .data.images import read_image
@@ -204,7 +205,6 @@ class ConvMixerAPI(ls.LitAPI):
         self.model_device = torch.device(device)
         self.normalise = module.data_config.batch_transform()
         self.class_names = module.class_names
-        self.k = min(self.top_k, len(self.class_names))
 
     def decode_request(self, request: Annotated[np.ndarray, Depends(read_upload)]) -> torch.Tensor:
         return torch.from_numpy(request)  # read and checked in the HTTP process: read_upload
@@ -215,9 +215,8 @@ class ConvMixerAPI(ls.LitAPI):
         batch = crops if batched else crops[None]
         with torch.inference_mode():
             probs = self.model(self.normalise(batch.to(self.model_device))).softmax(dim=1)
-            values, classes = (t.cpu().tolist() for t in probs.topk(self.k, dim=1))
-        answers = [{"top_k": [{"class": self.class_names[c], "prob": round(p, 6)} for p, c in zip(ps, cs, strict=True)],
-                    "batch_size": len(batch)} for ps, cs in zip(values, classes, strict=True)]
+            answers = [{"top_k": ranked, "batch_size": len(batch)}
+                       for ranked in top_classes(probs, self.class_names, self.top_k)]
         return answers if batched else answers[0]
 
 

@@ -1,5 +1,5 @@
 """`convmixer predict` output: the top-k classes and probabilities of every sample, in sample order, in one CSV
-(and JSON) file, also under DDP."""
+(and JSON) file, also under DDP; `top_classes`, the records it writes, which `convmixer serve` answers with too."""
 
 from __future__ import annotations
 
@@ -7,13 +7,19 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from ..console import say
 from ..files import atomic_write
+
+
+def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[list[dict]]:
+    """Each row's `k` most probable classes, most probable first: [{"class": name, "prob": rounded to 6 places}]."""
+    values, classes = (t.cpu().tolist() for t in probs.topk(min(k, probs.shape[1]), dim=1))
+    return [[{"class": names[c], "prob": round(p, 6)} for p, c in zip(ps, cs, strict=True)]
+            for ps, cs in zip(values, classes, strict=True)]
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -40,8 +46,7 @@ class PredictionWriter(BasePredictionWriter):
         indices = [i for batch in (batch_indices[0] if batch_indices else []) for i in batch]
         if len(indices) != len(probs):  # a loader without Lightning's index tracking: only one process runs it
             indices = list(range(len(probs)))
-        values, classes = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
-        local = (np.asarray(indices, dtype=np.int64), values.numpy(), classes.numpy())
+        local = list(zip(indices, top_classes(probs, pl_module.class_names, self.top_k), strict=True))
         parts = [local]
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             parts = [None] * trainer.world_size
@@ -54,24 +59,20 @@ class PredictionWriter(BasePredictionWriter):
 
     def _write(self, trainer, pl_module, dataset, parts) -> None:
         names = pl_module.class_names
-        top_k: dict[int, list[dict]] = {}
-        for indices, values, classes in parts:
-            for index, ps, cs in zip(indices.tolist(), values.tolist(), classes.tolist(), strict=True):
-                # a sampler that pads with repeats gives the same row twice
-                top_k[index] = [{"class": names[c], "prob": round(p, 6)} for p, c in zip(ps, cs, strict=True)]
+        ranked = dict(pair for part in parts for pair in part)  # a sampler that pads with repeats: one row each
         paths = getattr(dataset, "paths", None) or [path for path, _ in getattr(dataset, "samples", [])] or None
         targets = getattr(dataset, "targets", None)
         k = min(self.top_k, len(names))
         fixed = ["index"] + (["path"] if paths else []) + (["target"] if targets is not None else [])
         header = fixed + [f"{field}{j}" for j in range(1, k + 1) for field in ("class", "prob")]
         records = []
-        for index in sorted(top_k):
+        for index in sorted(ranked):
             record = {"index": index}
             if paths:
                 record["path"] = str(paths[index])
             if targets is not None:
                 record["target"] = names[int(targets[index])]
-            records.append({**record, "top_k": top_k[index]})
+            records.append({**record, "top_k": ranked[index]})
         output = Path(self.output) if self.output else Path(trainer.default_root_dir) / "predictions.csv"
         with atomic_write(output, newline="") as handle:  # a failure leaves the previous file as it was
             writer = csv.writer(handle)

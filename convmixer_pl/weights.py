@@ -215,33 +215,10 @@ def state_differences(model: nn.Module, state: Mapping[str, torch.Tensor], n: in
     return "; ".join(f"{label} {short(items)}" for label, items in problems) or None
 
 
-def load_into(model: ConvMixer, state_dict: Mapping[str, torch.Tensor], source: str = "weights") -> bool:
-    """Copy `state_dict` (our layout) into `model`. A head of another class count is left out (the model keeps its
-    freshly initialised head); returns whether that happened. Anything else that does not fit is an error."""
-    own_head = model.head.weight
-    state = dict(state_dict)
-    file_head = state.get("head.weight")
-    # a headless file (timm's num_classes=0) or one for another class count: keep our new head
-    head_reset = file_head is None or (file_head.shape != own_head.shape and file_head.shape[1:] == own_head.shape[1:])
-    if head_reset:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
-    if problems := state_differences(model, state):
-        hint = ""
-        try:
-            arch = describe(state_dict)
-            hint = (f"; the file is a ConvMixer-{arch['dim']}/{arch['depth']} kernel_size {arch['kernel_size']} "
-                    f"patch_size {arch['patch_size']} in_chans {arch['in_chans']}: set model.* to match")
-        except WeightsError:
-            pass
-        raise WeightsError(f"{source} does not fit the model: {problems}{hint}")
-    model.load_state_dict(state)
-    return head_reset
-
-
 def load_pretrained(model: ConvMixer, path: str | Path) -> None:
     """`model.pretrained`: read `path` (either layout, detected; or a timm / Hugging Face folder, checked against
-    its config.json), load it, and say in one line what changed."""
+    its config.json), load it, and say in one line what changed. A head for another class count is left out (the
+    model keeps its freshly initialised head); anything else that does not fit is an error."""
     path = Path(path)
     folder = hf_folder(path)
     if path.is_dir() and folder is None:
@@ -250,12 +227,27 @@ def load_pretrained(model: ConvMixer, path: str | Path) -> None:
     if folder is not None:
         path = read_hf_folder(folder, path, model)
     state = read_file(path)
-    head = state.get("head.weight")
-    if load_into(model, state, f"model.pretrained {path}"):
-        found = "no head" if head is None else f"a {head.shape[0]}-class head"
+    file_head, own_head = state.get("head.weight"), model.head.weight
+    # a headless file (timm's num_classes=0) or one for another class count: keep our new head
+    head_reset = file_head is None or (file_head.shape != own_head.shape and file_head.shape[1:] == own_head.shape[1:])
+    loaded = {k: v for k, v in state.items() if not (head_reset and k.startswith("head."))}
+    if head_reset:
+        loaded.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    if problems := state_differences(model, loaded):
+        hint = ""
+        try:
+            arch = describe(state)
+            hint = (f"; the file is a ConvMixer-{arch['dim']}/{arch['depth']} kernel_size {arch['kernel_size']} "
+                    f"patch_size {arch['patch_size']} in_chans {arch['in_chans']}: set model.* to match")
+        except WeightsError:
+            pass
+        raise WeightsError(f"model.pretrained {path} does not fit the model: {problems}{hint}")
+    model.load_state_dict(loaded)
+    if head_reset:
+        found = "no head" if file_head is None else f"a {file_head.shape[0]}-class head"
         say(f"model.pretrained {path}: the file has {found}, the model {model.num_classes} classes: "
-              "the head is re-initialised")
-    uses_relu = isinstance(model.stem[1], nn.ReLU)
-    if folder is None and "relu" in path.name.lower() and not uses_relu:  # a folder's config.json was checked
+            "the head is re-initialised")
+    if folder is None and "relu" in path.name.lower() and not isinstance(model.stem[1], nn.ReLU):
+        # a folder's config.json was checked
         say(f"model.pretrained {path}: the file name says ReLU but model.act is gelu; "
-              "set model.act: relu for this file (the 768/32 release uses ReLU)")
+            "set model.act: relu for this file (the 768/32 release uses ReLU)")

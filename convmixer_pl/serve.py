@@ -223,11 +223,9 @@ class ConvMixerAPI(ls.LitAPI):
 # -- the server -------------------------------------------------------------------------------------------------------
 
 def check_options(args: SimpleNamespace) -> None:
-    for name, value, low in (("top_k", args.top_k, 1), ("max_batch_size", args.max_batch_size, 1),
-                             ("max_bytes", args.max_bytes, 1), ("workers_per_device", args.workers_per_device, 1),
-                             ("decode_pixels", args.decode_pixels, 1)):
-        if value < low:
-            raise ServeError(f"--{name} must be at least {low}, got {value}")
+    for name in ("top_k", "max_batch_size", "max_bytes", "workers_per_device", "decode_pixels"):
+        if getattr(args, name) < 1:
+            raise ServeError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.batch_timeout < 0:
         raise ServeError(f"--batch_timeout must be >= 0 seconds, got {args.batch_timeout}")
     if not 1024 <= args.port <= 65535:  # LitServe's range

@@ -63,12 +63,10 @@ def write_folder(module, folder: str | os.PathLike) -> Path:
 
 def push(folder: Path, repo_id: str) -> str:
     """Upload `folder` to the hub repo `repo_id` (created if needed); returns the commit's URL."""
+    from huggingface_hub import HfApi  # there: writing the folder checked the packages
+    from huggingface_hub.utils import HfHubHTTPError
+
     not_uploaded = f"nothing was uploaded; {folder} is written: upload it later with `hf upload {repo_id} {folder}`"
-    try:
-        from huggingface_hub import HfApi
-        from huggingface_hub.utils import HfHubHTTPError
-    except ImportError as err:
-        raise HubError(f"--push_to_hub needs huggingface_hub (pip install huggingface_hub); {not_uploaded}") from err
     try:
         api = HfApi()
         repo = api.create_repo(repo_id, exist_ok=True)

@@ -249,7 +249,11 @@ class RunCheckpoint(ModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A run folder that was moved or copied resumes into its own files: the saved paths are taken as names in
-        this folder (Lightning would otherwise drop them and write last-v1.ckpt beside a stale last.ckpt)."""
+        this folder (Lightning would otherwise drop them and write last-v1.ckpt beside a stale last.ckpt).
+        validate, test and predict write no checkpoint: they need none of this state, nor Lightning's warning that
+        the paths of a checkpoint from another folder are not taken."""
+        if getattr(self, "_trainer", None) is not None and self._trainer.state.fn != "fit":
+            return
         saved = state_dict.get("dirpath")
 
         def here(path):

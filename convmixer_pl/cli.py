@@ -2,7 +2,7 @@
 
     convmixer fit|validate|test|predict --config FILE [--section.key value ...]
     convmixer export|serve|plots|benchmark|sweep [--config FILE] [--key value ...]
-    convmixer --help
+    convmixer --help; convmixer fit --help [model|data|trainer|...|all]
 
 Every subcommand is parsed by the same jsonargparse parser: a tool's options are its command function's
 parameters (`TOOLS`), so `--config` works for tools as for `fit`.
@@ -11,6 +11,7 @@ parameters (`TOOLS`), so `--config` works for tools as for `fit`.
 from __future__ import annotations
 
 import argparse
+import copy
 import fcntl
 import importlib
 import inspect
@@ -48,7 +49,7 @@ from .checkpoints import (
 from .console import debugging, fail, run_entry_point, say
 from .data import ImageDataModule
 from .files import atomic_write
-from .model import ConvMixer
+from .model import VARIANTS, ConvMixer
 from .module import ConvMixerClassifier
 from .resume import ResumeState
 from .speed import ModelShape, choose_speed, cpu_fallback_precision, cpu_fallback_workers, default_choice
@@ -124,26 +125,80 @@ CKPT_PATH_HELP = ("A .ckpt file written by `convmixer fit`, or `last` (the run's
                   "it is not given. The run is checkpoints/<name>/.")
 
 
-# the Trainer options `--help` shows; the others work as well (Lightning's Trainer documentation lists them)
-TRAINER_HELP = {"accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "fast_dev_run",
-                "max_epochs", "min_epochs", "max_steps", "max_time", "limit_train_batches", "limit_val_batches",
-                "limit_test_batches", "val_check_interval", "check_val_every_n_epoch", "log_every_n_steps",
-                "enable_progress_bar", "enable_model_summary", "accumulate_grad_batches", "gradient_clip_val",
-                "gradient_clip_algorithm", "deterministic", "benchmark", "sync_batchnorm", "default_root_dir"}
+FULL_HELP = {  # the overview's last lines: how to see a group's options in full (`--help GROUP`)
+    "--help model": "the network, loss, optimizer, schedule and speed settings",
+    "--help data": "the data modules to choose from",
+    "--data.help CLASS": "one data module's options (augmentation, splits, loaders)",
+    "--help trainer": "every option of Lightning's Trainer",
+    "--help checkpoint": "which checkpoints the run keeps, and where",
+    "--help reliability": "the stop on a signal, and the non-finite guard",
+    "--help predictions": "the CSV that predict writes",
+    "--help plots": "the pictures written after fit",
+    "--help report": "the per-class report of test",
+    "--help all": "every option at once",
+}
+OVERVIEW = """\
+usage: {prog} [--config FILE] [options]
+
+{description}
+
+The options used most (each is a config key too: --model.lr 0.01 is `model: {{lr: 0.01}}`):
+  --config FILE               a YAML config (configs/*.yaml); the options after it override it
+  --print_config              print the config that the options make, and exit
+  --ckpt_path last|best|FILE  last.ckpt (fit resumes it), the best epoch (the evaluation default), a file
+  --name NAME                 the run, whose checkpoints and logs are in checkpoints/<name>/
+  --overwrite true            fit: start over where a run is (deletes its checkpoints)
+  --seed_everything SEED      the seed of everything random (unset: PL_GLOBAL_SEED, else 0)
+  --model.variant NAME        {variants}
+  --model.dim N               channels of every layer (ConvMixer-dim/depth)
+  --model.depth N             mixing blocks
+  --model.kernel_size K       the depthwise kernel size
+  --model.patch_size P        the patch size (the stem's stride)
+  --model.lr LR               peak learning rate
+  --data CLASS                DigitsDataModule (default), CIFARDataModule, ImageFolderDataModule, ...
+  --data.root DIR             where the CIFAR files or the image folders are
+  --data.batch_size N         images per batch and process
+  --data.num_workers N        loader processes (0: load in the training process)
+  --data.device_pipeline true hold the splits on the training device, augment whole batches there
+  --trainer.max_epochs N      epochs to train
+  --trainer.accelerator NAME  cpu, gpu or auto (with no GPU a gpu config runs on the CPU)
+  --trainer.devices N         devices to run on (one process each)
+  --trainer.precision P       32-true, bf16-mixed, 16-mixed; unset: fit measures the fastest here
+
+Every option of a group:
+"""
+
+
+class GroupHelp(argparse._HelpAction):
+    """`--help`: the overview; `--help GROUP`: that group's options in full; `--help all`: every option."""
+
+    def __call__(self, parser, namespace, group, option_string=None):
+        prog = parser.prog.replace(" [options]", "")
+        if group is None:
+            text = OVERVIEW.format(prog=prog, description=parser.description.split(". ")[0].rstrip(".") + ".",
+                                   variants=", ".join(VARIANTS))
+            text += "".join(f"  {prog} {command:<18}  {what}\n" for command, what in FULL_HELP.items())
+        else:
+            shown = copy.copy(parser)  # the parser itself keeps all its groups
+            shown._action_groups = parser._action_groups if group == "all" else [parser.groups[group]]
+            text = shown.format_help()
+        sys.stdout.write(text)
+        parser.exit()
 
 
 def shorten_help(parser) -> None:
-    """`--help` a person can scan: the common Lightning Trainer options by their first sentence (the others still
-    parse; the Trainer's documentation has them all), and this command's own meaning of --ckpt_path."""
+    """`--help` a person can scan: an overview of the options used most (`GroupHelp`), the Lightning Trainer's
+    options by their first sentence, and this command's own meaning of --ckpt_path."""
+    parser.usage = f"{parser.prog.replace(' [options]', '')} [--config FILE] [options]"
     for action in parser._actions:
-        if action.dest == "ckpt_path":
+        if isinstance(action, argparse._HelpAction):
+            action.__class__, action.nargs, action.metavar = GroupHelp, "?", "GROUP"
+            action.choices = [command.split()[1] for command in FULL_HELP if command.startswith("--help ")]
+            action.help = "the options used most; GROUP: that group's options in full"
+        elif action.dest == "ckpt_path":
             action.help = CKPT_PATH_HELP
         elif action.dest.startswith("trainer.") and action.help and action.help != argparse.SUPPRESS:
-            if action.dest.split(".")[1] not in TRAINER_HELP:
-                action.help = argparse.SUPPRESS
-                continue
-            first = " ".join(action.help.split()).split(". ")[0].rstrip(".")
-            action.help = f"{first}."
+            action.help = " ".join(action.help.split()).split(". ")[0].rstrip(".") + "."
 
 
 def check_unfinished(path: str, checkpoint: dict, trainer) -> None:
@@ -460,12 +515,14 @@ def _run_cli(args) -> None:
 
 def quiet_known_noise() -> None:
     """Leave out what Lightning and torch print that a user of this command cannot act on: the tips to install
-    Lightning's cloud services, a deprecation inside Lightning's own code, and torch's note, when it compiles the
-    CPU depthwise kernel on a machine with CUDA's headers but no GPU, that there is no CUDA runtime."""
+    Lightning's cloud services, a deprecation inside Lightning's own code, its warning that a config without
+    seed_everything seeds 0 (its "Seed set to 0" stays), and torch's note, when it compiles the CPU depthwise kernel
+    on a machine with CUDA's headers but no GPU, that there is no CUDA runtime."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.getMessage()).startswith("💡 Tip:"))
     logging.getLogger("torch.utils.cpp_extension").addFilter(
         lambda record: not str(record.getMessage()).startswith("No CUDA runtime is found"))
+    warnings.filterwarnings("ignore", "No seed found, seed set to")
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             module=r"lightning\.pytorch\.utilities\._pytree")
 

@@ -25,9 +25,9 @@ from conftest import CONFIGS, TINY_DIGITS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from convmixer_pl.checkpoints import RunCheckpoint, load_module
-from convmixer_pl.cli import ConvMixerCLI, main
+from convmixer_pl.cli import FULL_HELP, ConvMixerCLI, main
 from convmixer_pl.data import CIFARDataModule, DigitsDataModule, ImageDataModule, ImageFolderDataModule
-from convmixer_pl.model import ConvMixer
+from convmixer_pl.model import VARIANTS, ConvMixer
 from convmixer_pl.module import ConvMixerClassifier
 
 # A small model with a high learning rate learns visibly in 8 steps; gpu.yaml exercises the CPU fallback.
@@ -214,16 +214,69 @@ def test_a_resumed_fit_keeps_its_config_beside_its_continued_log(run, resumed):
     assert "dim: 32" in configs[0].read_text() and "ckpt_path: " in configs[0].read_text()
 
 
-def test_fit_help_lists_every_model_option_and_data_module():
-    result = _main("fit", "--help")
-    assert result.returncode == 0
+def test_fit_help_is_a_short_overview_that_names_every_full_help(convmixer, tmp_path):
+    result = convmixer("fit", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout
+    assert text.startswith("usage: convmixer fit [--config FILE] [options]\n")
+    assert len(text.splitlines()) < 100
+    for command in FULL_HELP:
+        assert f"convmixer fit {command}" in text, command
+    for variant in VARIANTS:
+        assert variant in text
+    for option in ("--config", "--print_config", "--ckpt_path last|best|FILE", "--name", "--overwrite",
+                   "--seed_everything", "--model.lr", "--data CLASS", "--data.root", "--trainer.precision"):
+        assert f"  {option} " in text, option
+    assert "accumulate_grad_batches" not in text and "re_prob" not in text  # in the full help only
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_every_subcommand_help_is_the_overview(subcommand):
+    result = _main(subcommand, "-h")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"usage: convmixer {subcommand} [--config FILE] [options]\n")
+    assert len(result.stdout.splitlines()) < 100 and f"convmixer {subcommand} --help all" in result.stdout
+
+
+def test_group_help_lists_the_group_in_full():
+    model = _main("fit", "--help", "model")
+    assert model.returncode == 0
     own = [name for name, p in inspect.signature(ConvMixerClassifier).parameters.items() if p.kind != p.VAR_KEYWORD]
     for name in own + list(inspect.signature(ConvMixer).parameters):  # the architecture is ConvMixer's arguments
-        assert f"model.{name}" in text, name
+        assert f"--model.{name}" in model.stdout, name
+    assert "--trainer." not in model.stdout
+    trainer = _main("fit", "--help", "trainer").stdout
+    for name in inspect.signature(L.Trainer).parameters:  # the rare options as well
+        assert f"--trainer.{name}" in trainer, name
+    data = _main("fit", "--help", "data").stdout
     for cls in (DigitsDataModule, CIFARDataModule, ImageFolderDataModule):
-        assert f"convmixer_pl.data.{cls.__name__}" in text  # the public import path
-    assert "--data.help" in text
+        assert f"convmixer_pl.data.{cls.__name__}" in data  # the public import path
+    assert "--data.help" in data
+    assert "--data.augment.re_prob" in _main("fit", "--data.help", "ImageFolderDataModule").stdout
+    everything = _main("fit", "--help", "all").stdout
+    assert "--trainer.accumulate_grad_batches" in everything and "--checkpoint.dirpath" in everything
+    unknown = _main("fit", "--help", "modle")
+    assert unknown.returncode == 2 and len(_error_lines(unknown.stderr)) == 1 and "'model'" in unknown.stderr
+
+
+def test_an_option_the_overview_leaves_out_still_parses():
+    printed = _main("fit", "--trainer.accumulate_grad_batches", "2", "--data", "ImageFolderDataModule",
+                    "--data.augment.re_prob", "0.5", "--print_config")
+    assert printed.returncode == 0, printed.stderr
+    assert "accumulate_grad_batches: 2" in printed.stdout and "re_prob: 0.5" in printed.stdout
+
+
+def test_test_of_another_runs_checkpoint_without_a_seed_in_its_config_is_quiet(digits_run, convmixer, tmp_path):
+    """A config without seed_everything, and a checkpoint from a folder other than the run's: Lightning's
+    "No seed found" and "dirpath has changed" warnings say nothing a user can act on."""
+    (tmp_path / "noseed.yaml").write_text("name: elsewhere\ntrainer:\n  accelerator: cpu\ndata:\n"
+                                          "  class_path: convmixer_pl.data.DigitsDataModule\n"
+                                          "  init_args:\n    image_size: 8\n")
+    tested = convmixer("test", "--config", "noseed.yaml", "--ckpt_path", digits_run / "last.ckpt",
+                       "--report.enabled", "false", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    assert "Seed set to 0" in tested.stderr
+    assert "No seed found" not in tested.stderr and "dirpath has changed" not in tested.stderr, tested.stderr
 
 
 @pytest.mark.parametrize("cls", [DigitsDataModule, CIFARDataModule, ImageFolderDataModule])

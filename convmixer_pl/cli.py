@@ -267,7 +267,8 @@ class ConvMixerCLI(LightningCLI):
         subcommands = parser._subcommands_action  # jsonargparse's, made by add_subcommands() in the call above
         for name in TOOLS:
             function = tool_function(name)
-            tool = self.init_parser(description=inspect.getdoc(function).split("\n\n")[0])
+            tool = self.init_parser(description=inspect.getdoc(function).split("\n\n")[0],
+                                    usage=f"convmixer {name} [--config FILE] [options]")  # the options list them
             tool.add_function_arguments(function, fail_untyped=True)
             subcommands.add_subcommand(name, tool, help=inspect.getdoc(function).split("\n")[0])
 

@@ -238,6 +238,14 @@ def test_every_subcommand_help_is_the_overview(subcommand):
     assert len(result.stdout.splitlines()) < 100 and f"convmixer {subcommand} --help all" in result.stdout
 
 
+@pytest.mark.parametrize("tool", ["export", "serve", "plots", "benchmark", "sweep"])
+def test_tool_help_has_a_one_line_usage(tool):
+    result = _main(tool, "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"usage: convmixer {tool} [--config FILE] [options]\n")
+    assert len(result.stdout.splitlines()) < 90
+
+
 def test_group_help_lists_the_group_in_full():
     model = _main("fit", "--help", "model")
     assert model.returncode == 0

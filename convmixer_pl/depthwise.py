@@ -7,9 +7,10 @@ the forward pass, and slower in bf16 than in fp32. During training on the CPU th
   than its fp32 one (the same math, accumulated in fp32, so at least as accurate);
 - channels_last, kernel 5, at least `COMPILED_MIN_NUMEL` activations: with a kernel that torch.compile generates
   from the 25-tap reduction (`_weight_grad_taps`): one pass over both tensors, vectorised over channels,
-  accumulated in fp32. Kernel 3 keeps oneDNN (which has a fast kernel for it), and so do kernels 7 and 9
-  (smaller and less steady gains, and long compiles). Compiling runs once per shape; if it fails (no C++
-  compiler, say), a warning is printed once and oneDNN's gradient is used.
+  accumulated in fp32, over chunks of the batch that stay in cache, at the vector width of ATen's CPU capability;
+  each shape's first result is checked against oneDNN's. Kernel 3 keeps oneDNN (which has a fast kernel for it),
+  and so do kernels 7 and 9 (smaller and less steady gains, and long compiles). Compiling runs once per shape; if
+  it fails (no C++ compiler, say), a warning is printed once and oneDNN's gradient is used.
 
 Parameters, state_dict, outputs and input gradients are `nn.Conv2d`'s; so is everything on other devices, in
 evaluation, inside a torch.compile'd model, and with `fast_cpu_grad=False` (`ConvMixer(fast_depthwise_grad=False)`).
@@ -27,6 +28,7 @@ from torch import nn
 
 COMPILED_KERNEL_SIZES = (5,)  # where the generated weight-gradient kernel measured faster than oneDNN
 COMPILED_MIN_NUMEL = 2**20  # smaller activations gain less per step than the compile costs
+CHUNK_NUMEL = 2**18  # activations per call of the compiled kernel (1 MiB per fp32 tensor: `_chunks`)
 _MAX_COMPILED_SHAPES = 6  # below torch._dynamo's recompile limit, past which it would run the slow eager loop
 
 _compiled_fn = None  # the torch.compile'd `_weight_grad_taps`, built on first use; False once compiling failed
@@ -58,15 +60,31 @@ def _fits_compiled(x: torch.Tensor, kernel_size: int) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
+def _chunks(x: torch.Tensor) -> list[slice]:
+    """Slices of the batch of at most `CHUNK_NUMEL` activations: the compiled kernel's loop runs over all images
+    once per vector of channels, from cache for such a chunk and from memory for a whole large batch (3-5x slower
+    at batch 64, docs/benchmarks.md)."""
+    step = max(1, CHUNK_NUMEL // max(1, x[0].numel()))
+    return [slice(start, start + step) for start in range(0, x.shape[0], step)]
+
+
 def _use_compiled(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> bool:
-    """`_fits_compiled`, for a shape it may compile for: one already compiled, or one of the first few."""
+    """`_fits_compiled`, for shapes it may compile for: ones already compiled, or among the first few."""
     if not (_fits_compiled(x, 2 * padding + 1) and grad_out.is_contiguous(memory_format=torch.channels_last)):
         return False
-    key = (tuple(x.shape), x.dtype, grad_out.dtype, padding)
-    if key not in _compiled_keys and len(_compiled_keys) >= _MAX_COMPILED_SHAPES:
+    keys = {(tuple(x[part].shape), x.dtype, grad_out.dtype, padding) for part in _chunks(x)}
+    if len(_compiled_keys | keys) > _MAX_COMPILED_SHAPES:
         return False
-    _compiled_keys.add(key)
+    _compiled_keys.update(keys)
     return True
+
+
+def _vector_bits() -> int | None:
+    """Inductor's vector width, set to ATen's CPU capability. Inductor (torch 2.14) derives it from the capability
+    when unset but leaves it out of its cache key, so a kernel generated for one width (AVX2 under
+    ATEN_CPU_CAPABILITY=avx2, or another machine's cache) is reused at another: vector stores wider than the loop
+    step (heap corruption) or half the channels never written (NaNs). Set, it is in the key."""
+    return {"AVX512": 512, "AVX2": 256}.get(torch.backends.cpu.get_cpu_capability())
 
 
 def _disable_compiled(reason: str) -> None:
@@ -78,12 +96,14 @@ def _disable_compiled(reason: str) -> None:
 def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, with_bias: bool):
     global _compiled_fn
     padding = weight.shape[-1] // 2
-    x32, grad32 = x.float(), grad_out.float()
     if _use_compiled(x, grad_out, padding):
         try:
             if _compiled_fn is None:
-                _compiled_fn = torch.compile(_weight_grad_taps, dynamic=False)
-            grad_w, grad_b = _compiled_fn(x, grad_out, padding)
+                bits = _vector_bits()
+                _compiled_fn = torch.compile(_weight_grad_taps, dynamic=False,
+                                             options={"cpp.simdlen": bits} if bits else None)
+            parts = [_compiled_fn(x[part], grad_out[part], padding) for part in _chunks(x)]
+            grad_w, grad_b = sum(w for w, _ in parts), sum(b for _, b in parts)
         except Exception as err:  # a compiler missing or failing: fall back for the rest of the process
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             _disable_compiled(f"compiling the CPU weight-gradient kernel failed ({first_line})")
@@ -91,17 +111,16 @@ def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, 
             key = (tuple(x.shape), x.dtype, grad_out.dtype, padding)
             if key in _checked_keys:
                 return grad_w, grad_b if with_bias else None
-            # Inductor has generated wrong code for this reduction (vector stores wider than the loop step:
-            # NaNs where the CPU capability is held below the hardware's), so each new shape's first result is
-            # checked against oneDNN's before the kernel is trusted
-            _, ref_w, ref_b = onednn_backward(grad32, x32, weight.float(), [False, True, True])
+            # generated code has been wrong before (`_vector_bits`): each new shape's first result is checked
+            # against oneDNN's before the kernel is trusted with it
+            _, ref_w, ref_b = onednn_backward(grad_out.float(), x.float(), weight.float(), [False, True, True])
             if _matches(grad_w, ref_w) and _matches(grad_b, ref_b):
                 _checked_keys.add(key)
                 return grad_w, grad_b if with_bias else None
             _disable_compiled(f"the compiled CPU weight-gradient kernel disagreed with oneDNN's for shape "
                               f"{list(x.shape)}")
             return ref_w, ref_b if with_bias else None
-    _, grad_w, grad_b = onednn_backward(grad32, x32, weight.float(), [False, True, with_bias])
+    _, grad_w, grad_b = onednn_backward(grad_out.float(), x.float(), weight.float(), [False, True, with_bias])
     return grad_w, grad_b
 
 

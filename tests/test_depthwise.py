@@ -131,6 +131,52 @@ def test_a_compiled_kernel_that_disagrees_with_onednn_is_dropped(monkeypatch):
     assert len(calls) == 1 and torch.isfinite(conv.weight.grad).all()
 
 
+def test_a_large_batch_is_reduced_in_chunks_that_add_up_to_the_whole(monkeypatch):
+    monkeypatch.setattr(depthwise, "COMPILED_MIN_NUMEL", 0)
+    monkeypatch.setattr(depthwise, "CHUNK_NUMEL", 3 * CHANNELS * 8 * 8)  # three images per call: 3 + 3 + 2
+    monkeypatch.setattr(depthwise, "_compiled_keys", set())
+    monkeypatch.setattr(depthwise, "_checked_keys", set())
+    conv, stock = _pair()
+    x = torch.randn(8, CHANNELS, 8, 8).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(8, CHANNELS, 8, 8).contiguous(memory_format=torch.channels_last)
+    conv(x).backward(grad_out)
+    stock(x).backward(grad_out)
+    assert {key[0] for key in depthwise._compiled_keys} == {(3, CHANNELS, 8, 8), (2, CHANNELS, 8, 8)}
+    torch.testing.assert_close(conv.weight.grad, stock.weight.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(conv.bias.grad, stock.bias.grad, atol=1e-5, rtol=1e-4)
+
+
+HELD_TO_AVX2 = """
+import warnings, torch
+import convmixer_pl.depthwise as depthwise
+assert torch.backends.cpu.get_cpu_capability() == "AVX2", torch.backends.cpu.get_cpu_capability()
+x = torch.randn(64, 256, 16, 16).contiguous(memory_format=torch.channels_last)
+grad_out = torch.randn(64, 256, 16, 16).contiguous(memory_format=torch.channels_last)
+weight = torch.randn(256, 1, 5, 5)
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a dropped kernel warns: that is a failure here
+    grad_w, grad_b = depthwise._weight_grad(x, grad_out, weight, True)
+assert depthwise._compiled_fn not in (None, False) and depthwise._checked_keys
+_, ref_w, ref_b = depthwise.onednn_backward(grad_out, x, weight, [False, True, True])
+torch.testing.assert_close(grad_w, ref_w, atol=1e-2, rtol=1e-3)
+print("agrees")
+"""
+
+
+def test_the_compiled_kernel_is_right_where_the_cpu_capability_is_held_to_avx2(tmp_path):
+    """A kernel that Inductor compiled at the hardware's width was once reused under ATEN_CPU_CAPABILITY=avx2 from its
+    cache (NaNs; the fit that found it went nan at step 4): the width is now set, so it is in the cache key. The
+    cache is shared with a run at the hardware's width first, as it was then."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("an x86 CPU with AVX2 is needed to hold ATen to AVX2")
+    env = dict(os.environ, OMP_NUM_THREADS="2", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    native = HELD_TO_AVX2.replace('assert torch.backends.cpu.get_cpu_capability() == "AVX2"', "assert True")
+    for script, held in ((native, {}), (HELD_TO_AVX2, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})):
+        done = subprocess.run([sys.executable, "-c", script], env=env | held, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0 and "agrees" in done.stdout, done.stderr[-3000:]
+
+
 FALLBACK = """
 import warnings, torch
 import convmixer_pl.depthwise as depthwise

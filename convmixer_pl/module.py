@@ -199,7 +199,7 @@ class ConvMixerClassifier(L.LightningModule):
         """Take the speed choices measured for this machine (`convmixer_pl.speed`) where none was given; checkpoints
         keep them, so a resumed run trains as the run it continues."""
         self._speed = {"precision": precision, "channels_last": channels_last,
-                       "fast_depthwise_grad": fast_depthwise_grad}
+                       "fast_depthwise_grad": fast_depthwise_grad, "threads": torch.get_num_threads()}
         if self.hparams.channels_last is None:
             self.hparams.channels_last = channels_last
         if self.hparams.fast_depthwise_grad is None:

@@ -146,6 +146,20 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def threads_for_load(threads: int | None = None, window_s: float = 0.5) -> tuple[int, float | None]:
+    """Torch's intra-op threads for the CPUs other processes leave free now (at least one, at most `threads`,
+    default torch's), and how many CPUs they keep busy (None where /proc/stat cannot tell). The threads wait on each
+    other at every parallel region, so one descheduled by another process stalls them all: with one busy process
+    on a 2-core machine, a step ran 4x slower on 2 threads than on 1 (docs/benchmarks.md)."""
+    threads = threads or torch.get_num_threads()
+    before = load_sample()
+    time.sleep(window_s)
+    others = other_cpus(before, load_sample())
+    if others is None:
+        return threads, None
+    return max(1, min(threads, round(usable_cpus() - others))), others
+
+
 def cpu_fallback_workers(num_workers: int, cpus: int | None = None) -> int:
     """Loader workers of a GPU config run on the CPU: at most one fewer than the usable cores. The training step
     already uses every core through its threads; one-threaded workers up to the other cores overlap loading with

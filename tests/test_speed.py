@@ -237,6 +237,34 @@ def test_crowded_out_means_others_busy_and_the_step_starved(monkeypatch):
     assert speed.crowded_out((0, 0, 0), (0.1, 0.2, 0)) is None and speed.crowded_out(None, (10, 20, 4)) is None
 
 
+@pytest.mark.parametrize("others, expected", [(0.0, 4), (1.0, 3), (1.6, 2), (3.9, 1), (None, 4)])
+def test_threads_are_the_cpus_other_processes_leave_free(monkeypatch, others, expected):
+    samples = iter([(0.0, 0.0, 0.0), None if others is None else (1.0, others, 0.0)])
+    monkeypatch.setattr(speed, "load_sample", lambda: next(samples))
+    monkeypatch.setattr(speed, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(speed.time, "sleep", lambda seconds: None)
+    assert speed.threads_for_load(4) == (expected, others)
+    assert speed.threads_for_load.__defaults__ == (None, 0.5)  # half a second of /proc/stat: 50 ticks
+
+
+def test_fit_takes_the_free_cpus_and_a_resumed_run_its_saved_threads(monkeypatch, capsys):
+    from convmixer_pl.cli import ConvMixerCLI
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr("convmixer_pl.cli.threads_for_load", lambda most: (1, 1.2))
+    ConvMixerCLI._use_free_cpus(None)
+    assert chosen == [1] and "speed: 1 of 2 threads, as other processes keep 1.2 of" in capsys.readouterr().err
+    ConvMixerCLI._use_free_cpus(8)  # a checkpoint's count, capped at this machine's
+    ConvMixerCLI._use_free_cpus(1)
+    assert chosen == [1, 2, 1] and capsys.readouterr().err == ""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    ConvMixerCLI._use_free_cpus(None)
+    assert chosen == [1, 2, 1]  # the environment's setting stays
+
+
 def test_the_cache_folder_comes_from_the_environment(monkeypatch, tmp_path):
     assert speed.cache_file() == tmp_path / "cache" / "speed.json"
     monkeypatch.delenv(speed.CACHE_ENV)

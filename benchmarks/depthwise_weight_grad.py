@@ -1,6 +1,7 @@
 """Milliseconds per call of a depthwise convolution's weight gradient on the CPU: oneDNN's (what nn.Conv2d runs) in
-fp32 and bf16, against convmixer_pl.depthwise's compiled kernel fed fp32 and bf16 tensors, on channels-last tensors
-of one ConvMixer block's activation shape; median and p25-p75 (`convmixer_pl.benchmark.time_calls`).
+fp32 and bf16, against convmixer_pl.depthwise's compiled kernel fed fp32 and bf16 tensors as it runs it (chunks of
+the batch, ATen's vector width), and fed the whole fp32 batch at once, on channels-last tensors of one ConvMixer
+block's activation shape; median and p25-p75 (`convmixer_pl.benchmark.time_calls`).
 
     python -m benchmarks.depthwise_weight_grad --batch 64 --dim 256 --size 16 --kernels [3,5,7,9]
 """
@@ -13,7 +14,7 @@ import torch
 from jsonargparse import CLI
 
 from convmixer_pl.benchmark import cpu_name, time_calls
-from convmixer_pl.depthwise import _weight_grad_taps, onednn_backward
+from convmixer_pl.depthwise import _chunks, _vector_bits, _weight_grad_taps, onednn_backward
 
 
 def onednn_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -32,20 +33,26 @@ def depthwise_weight_grad(batch: int = 64, dim: int = 256, size: int = 16, kerne
     shape = (batch, dim, size, size)
     print(f"activations {shape}, channels_last, {cpu_name()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; ms per call: median (p25-p75)")
-    names = ("oneDNN fp32", "oneDNN bf16", "compiled fp32", "compiled bf16")
+    names = ("oneDNN fp32", "oneDNN bf16", "compiled fp32", "compiled bf16", "compiled fp32 whole")
     print(f"{'kernel':>6} " + " ".join(f"{name:>20}" for name in names) + f" {'fp32 rel. diff':>14}")
-    compiled = torch.compile(_weight_grad_taps, dynamic=False)
+    bits = _vector_bits()
+    kernel = torch.compile(_weight_grad_taps, dynamic=False, options={"cpp.simdlen": bits} if bits else None)
+
+    def compiled(x: torch.Tensor, g: torch.Tensor, padding: int, parts: list[slice] | None = None) -> torch.Tensor:
+        return sum(kernel(x[part], g[part], padding)[0] for part in parts or _chunks(x))
+
     for k in kernels:
         x, g = (torch.randn(shape).contiguous(memory_format=torch.channels_last) for _ in range(2))
         w = torch.randn(dim, 1, k, k)
         bf16 = [t.to(torch.bfloat16) for t in (x, g, w)]
         cells = []
         for call in (partial(onednn_weight_grad, x, g, w), partial(onednn_weight_grad, *bf16),
-                     partial(compiled, x, g, k // 2), partial(compiled, *bf16[:2], k // 2)):
+                     partial(compiled, x, g, k // 2), partial(compiled, *bf16[:2], k // 2),
+                     partial(compiled, x, g, k // 2, [slice(None)])):
             fast, median, slow = (1e3 / rate for rate in time_calls(call, 1, min_seconds).rates())
             cells.append(f"{median:.2f} ({slow:.2f}-{fast:.2f})")
         reference = onednn_weight_grad(x, g, w)
-        diff = ((compiled(x, g, k // 2)[0] - reference).abs().max() / reference.abs().max()).item()
+        diff = ((compiled(x, g, k // 2) - reference).abs().max() / reference.abs().max()).item()
         print(f"{k:>6} " + " ".join(f"{cell:>20}" for cell in cells) + f" {diff:>14.1e}")
 
 

@@ -31,7 +31,7 @@ def depthwise_weight_grad(batch: int = 64, dim: int = 256, size: int = 16, kerne
         min_seconds: Least time spent timing each (torch.utils.benchmark's blocked_autorange).
     """
     shape = (batch, dim, size, size)
-    print(f"activations {shape}, channels_last, {cpu_name()}, {torch.get_num_threads()} threads, torch "
+    print(f"activations {shape}, channels_last, {cpu_name()}, torch "
           f"{torch.__version__}; ms per call: median (p25-p75)")
     names = ("oneDNN fp32", "oneDNN bf16", "compiled fp32", "compiled bf16", "compiled fp32 whole")
     print(f"{'kernel':>6} " + " ".join(f"{name:>20}" for name in names) + f" {'fp32 rel. diff':>14}")

@@ -14,7 +14,7 @@ import torch
 from jsonargparse import CLI
 
 from convmixer_pl.benchmark import cpu_name, time_calls
-from convmixer_pl.depthwise import _chunks, _vector_bits, _weight_grad_taps, onednn_backward
+from convmixer_pl.depthwise import compiled_weight_grad, onednn_backward
 
 
 def onednn_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -35,11 +35,9 @@ def depthwise_weight_grad(batch: int = 64, dim: int = 256, size: int = 16, kerne
           f"{torch.__version__}; ms per call: median (p25-p75)")
     names = ("oneDNN fp32", "oneDNN bf16", "compiled fp32", "compiled bf16", "compiled fp32 whole")
     print(f"{'kernel':>6} " + " ".join(f"{name:>20}" for name in names) + f" {'fp32 rel. diff':>14}")
-    bits = _vector_bits()
-    kernel = torch.compile(_weight_grad_taps, dynamic=False, options={"cpp.simdlen": bits} if bits else None)
 
     def compiled(x: torch.Tensor, g: torch.Tensor, padding: int, parts: list[slice] | None = None) -> torch.Tensor:
-        return sum(kernel(x[part], g[part], padding)[0] for part in parts or _chunks(x))
+        return compiled_weight_grad(x, g, padding, parts)[0]
 
     for k in kernels:
         x, g = (torch.randn(shape).contiguous(memory_format=torch.channels_last) for _ in range(2))

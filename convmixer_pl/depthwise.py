@@ -68,15 +68,17 @@ def _chunks(x: torch.Tensor) -> list[slice]:
     return [slice(start, start + step) for start in range(0, x.shape[0], step)]
 
 
-def _use_compiled(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> bool:
-    """`_fits_compiled`, for shapes it may compile for: ones already compiled, or among the first few."""
+def _compiled_parts(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> list[slice] | None:
+    """The chunks to run the compiled kernel on, where `_fits_compiled` and their shapes are compiled already or
+    among the first few; None: oneDNN's gradient."""
     if not (_fits_compiled(x, 2 * padding + 1) and grad_out.is_contiguous(memory_format=torch.channels_last)):
-        return False
-    keys = {(tuple(x[part].shape), x.dtype, grad_out.dtype, padding) for part in _chunks(x)}
+        return None
+    parts = _chunks(x)
+    keys = {(tuple(x[part].shape), x.dtype, grad_out.dtype, padding) for part in parts}
     if len(_compiled_keys | keys) > _MAX_COMPILED_SHAPES:
-        return False
+        return None
     _compiled_keys.update(keys)
-    return True
+    return parts
 
 
 def _vector_bits() -> int | None:
@@ -93,17 +95,23 @@ def _disable_compiled(reason: str) -> None:
     warnings.warn(f"convmixer_pl.depthwise: {reason}; using oneDNN's weight gradient", stacklevel=3)
 
 
-def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, with_bias: bool):
+def compiled_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, padding: int, parts: list[slice] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled kernel's weight and bias gradients (fp32), summed over `parts` of the batch (`_chunks`)."""
     global _compiled_fn
+    if _compiled_fn is None:
+        bits = _vector_bits()
+        _compiled_fn = torch.compile(_weight_grad_taps, dynamic=False, options={"cpp.simdlen": bits} if bits else None)
+    grads = [_compiled_fn(x[part], grad_out[part], padding) for part in parts or _chunks(x)]
+    return sum(w for w, _ in grads), sum(b for _, b in grads)
+
+
+def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, with_bias: bool):
     padding = weight.shape[-1] // 2
-    if _use_compiled(x, grad_out, padding):
+    parts = _compiled_parts(x, grad_out, padding)
+    if parts is not None:
         try:
-            if _compiled_fn is None:
-                bits = _vector_bits()
-                _compiled_fn = torch.compile(_weight_grad_taps, dynamic=False,
-                                             options={"cpp.simdlen": bits} if bits else None)
-            parts = [_compiled_fn(x[part], grad_out[part], padding) for part in _chunks(x)]
-            grad_w, grad_b = sum(w for w, _ in parts), sum(b for _, b in parts)
+            grad_w, grad_b = compiled_weight_grad(x, grad_out, padding, parts)
         except Exception as err:  # a compiler missing or failing: fall back for the rest of the process
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             _disable_compiled(f"compiling the CPU weight-gradient kernel failed ({first_line})")

@@ -58,8 +58,7 @@ from .speed import (
     cpu_fallback_precision,
     cpu_fallback_workers,
     default_choice,
-    threads_for_load,
-    usable_cpus,
+    use_free_cpus,
 )
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -454,7 +453,7 @@ class ConvMixerCLI(LightningCLI):
         measuring = os.environ.get("CONVMIXER_SPEED") != "default"
         one_process = str(trainer.get("devices") or 1) in ("1", "auto") and (trainer.get("num_nodes") or 1) == 1
         if measuring and device.type == "cpu" and one_process:
-            self._use_free_cpus(saved.get("threads"))
+            use_free_cpus(saved.get("threads"))
         if not measuring or all(value is not None for value in given.values()):
             choice = replace(default_choice(device, hp.kernel_size, given["precision"]),
                              **{k: v for k, v in given.items() if k != "precision" and v is not None})
@@ -464,19 +463,6 @@ class ConvMixerCLI(LightningCLI):
             choice = choose_speed(shape, device, **given, measure_now=one_process and rank_zero_only.rank == 0)
         self.model.use_speed(choice.channels_last, choice.fast_depthwise_grad, choice.precision)
         return {"precision": choice.precision}
-
-    @staticmethod
-    def _use_free_cpus(saved: int | None) -> None:
-        """Torch's threads on the CPUs that other processes leave free (`speed.threads_for_load`), unless
-        OMP_NUM_THREADS sets them; a resumed run keeps its checkpoint's count where this machine has the cores."""
-        if "OMP_NUM_THREADS" in os.environ:
-            return
-        most = torch.get_num_threads()
-        threads, others = (min(saved, most), None) if saved else threads_for_load(most)
-        if threads < most and others is not None:
-            say(f"speed: {threads} of {most} threads, as other processes keep {others:.1f} of {usable_cpus()} CPUs "
-                "busy (OMP_NUM_THREADS sets them)")
-        torch.set_num_threads(threads)
 
     def _resumed_log_version(self) -> int | None:
         """The log version of the run `fit --ckpt_path` resumes, if it was written in this folder."""

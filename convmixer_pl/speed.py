@@ -160,6 +160,20 @@ def threads_for_load(threads: int | None = None, window_s: float = 0.5) -> tuple
     return max(1, min(threads, round(usable_cpus() - others))), others
 
 
+def use_free_cpus(saved: int | None = None) -> None:
+    """Torch's threads on the CPUs that other processes leave free (`threads_for_load`), said in one line where
+    fewer, unless OMP_NUM_THREADS sets them; `saved` (a resumed run's count) is kept where this machine has the
+    cores, for a bit-for-bit resume."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    most = torch.get_num_threads()
+    threads, others = (min(saved, most), None) if saved else threads_for_load(most)
+    if threads < most and others is not None:
+        say(f"speed: {threads} of {most} threads, as other processes keep {others:.1f} of {usable_cpus()} CPUs busy "
+            "(OMP_NUM_THREADS sets them)")
+    torch.set_num_threads(threads)
+
+
 def cpu_fallback_workers(num_workers: int, cpus: int | None = None) -> int:
     """Loader workers of a GPU config run on the CPU: at most one fewer than the usable cores. The training step
     already uses every core through its threads; one-threaded workers up to the other cores overlap loading with

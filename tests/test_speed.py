@@ -248,20 +248,18 @@ def test_threads_are_the_cpus_other_processes_leave_free(monkeypatch, others, ex
 
 
 def test_fit_takes_the_free_cpus_and_a_resumed_run_its_saved_threads(monkeypatch, capsys):
-    from convmixer_pl.cli import ConvMixerCLI
-
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     chosen = []
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)
-    monkeypatch.setattr("convmixer_pl.cli.threads_for_load", lambda most: (1, 1.2))
-    ConvMixerCLI._use_free_cpus(None)
+    monkeypatch.setattr(speed, "threads_for_load", lambda most: (1, 1.2))
+    speed.use_free_cpus(None)
     assert chosen == [1] and "speed: 1 of 2 threads, as other processes keep 1.2 of" in capsys.readouterr().err
-    ConvMixerCLI._use_free_cpus(8)  # a checkpoint's count, capped at this machine's
-    ConvMixerCLI._use_free_cpus(1)
+    speed.use_free_cpus(8)  # a checkpoint's count, capped at this machine's
+    speed.use_free_cpus(1)
     assert chosen == [1, 2, 1] and capsys.readouterr().err == ""
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    ConvMixerCLI._use_free_cpus(None)
+    speed.use_free_cpus(None)
     assert chosen == [1, 2, 1]  # the environment's setting stays
 
 

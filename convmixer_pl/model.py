@@ -15,8 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .depthwise import DepthwiseConv2d
 
-Activation = Literal["gelu", "relu"]
-ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
+Activation = Literal["gelu", "relu", "silu"]
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
 class Residual(nn.Module):
@@ -53,7 +53,7 @@ class ConvMixer(nn.Module):
         patch_size: Patch-embedding stride and kernel size.
         in_chans: Input channels; the CLI links it from the data module.
         num_classes: Classes; the CLI links it from the data module.
-        act: Activation, gelu or relu (the 768/32 release uses relu).
+        act: Activation: gelu (the paper's), relu (the 768/32 release's) or silu (cheaper than gelu on a CPU).
         image_size: Input size, checked against patch_size; the CLI links it from the data module.
         grad_checkpointing: Recompute each block's activations in the backward pass instead of storing them:
             less memory for big variants, same gradients, about one more forward pass of time.
@@ -87,7 +87,7 @@ class ConvMixer(nn.Module):
         if image_size is not None and patch_size > image_size:
             raise ValueError(f"ConvMixer: patch_size {patch_size} is larger than the {image_size}px image; "
                              f"use patch_size <= {image_size}")
-        self.num_classes, self.in_chans = num_classes, in_chans
+        self.num_classes, self.in_chans, self.act = num_classes, in_chans, act
         self.num_features = dim
         self.patch_size = patch_size
         self.grad_checkpointing = grad_checkpointing

@@ -77,7 +77,7 @@ class ConvMixerClassifier(L.LightningModule):
         depth: Number of mixing blocks (the "d").
         kernel_size: Depthwise kernel size (odd); ConvMixer's default 9.
         patch_size: Patch-embedding stride and kernel size; ConvMixer's default 7.
-        act: Activation, gelu (default) or relu.
+        act: Activation, gelu (default), relu or silu.
         in_chans: Input channels (without a data config; else its).
         num_classes: Classes (without a data config; else its).
         image_size: Input size, checked against patch_size (without a data config; else its).

@@ -95,9 +95,8 @@ class ModelShape:
         """The shape of a built ConvMixer trained on `image_size` inputs (the training crop) in batches of
         `batch_size`."""
         depthwise = model.blocks[0][0].fn[0]
-        act = "relu" if isinstance(model.stem[1], torch.nn.ReLU) else "gelu"
         return cls(model.num_features, len(model.blocks), depthwise.kernel_size[0], model.patch_size, model.in_chans,
-                   image_size, batch_size, act)
+                   image_size, batch_size, model.act)
 
     def __str__(self) -> str:
         return (f"ConvMixer-{self.dim}/{self.depth} k{self.kernel_size} p{self.patch_size} {self.act}, "

@@ -181,8 +181,7 @@ def read_hf_folder(folder: Path, path: Path, model: ConvMixer) -> Path:
         raise WeightsError(f"{source}: not readable JSON ({err}); export the folder again") from err
     if not isinstance(config, Mapping):
         raise WeightsError(f"{source}: holds a {type(config).__name__}, not a timm model config")
-    act = "relu" if isinstance(model.stem[1], nn.ReLU) else "gelu"
-    theirs, ours = config_trunk(config, source), trunk({**describe(model.state_dict()), "act": act})
+    theirs, ours = config_trunk(config, source), trunk({**describe(model.state_dict()), "act": model.act})
     if theirs != ours:
         fix = ", ".join(f"model.{key} {theirs[key]}" for key in theirs if theirs[key] != ours[key])
         raise WeightsError(f"{source}: the folder holds {config.get('architecture')} ({_spelled(theirs)}), the "

@@ -289,3 +289,20 @@ def test_hf_folder_problems_are_one_line_errors(relu_folder, tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match="no model.safetensors or pytorch_model.bin beside config.json"):
         load_pretrained(ours("relu"), folder)
+
+
+def test_silu_model_folder_drives_timms_convmixer_to_the_same_logits(tmp_path, images):
+    """act silu travels as timm's act_layer name: timm's class built from config.json gives our logits."""
+    config = DataConfig(24, mean=(0.5,) * 3, std=(0.25,) * 3, class_names=list("abcdefg"))
+    module = ConvMixerClassifier(dim=DIM, depth=DEPTH, kernel_size=K, patch_size=P, act="silu", data_config=config)
+    randomize(module.model)
+    folder = write_folder(module, tmp_path / "silu_hf")
+    args = json.loads((folder / "config.json").read_text())["model_args"]
+    assert args["act_layer"] == "silu"
+    theirs = timm.models.convmixer.ConvMixer(**{**args, "act_layer": timm.layers.get_act_layer("silu")}).eval()
+    theirs.load_state_dict(read_file(folder / "model.safetensors"))
+    mine = ours("silu")
+    load_pretrained(mine, folder)
+    with torch.no_grad():
+        expected = module.model.eval()(images)
+        assert torch.equal(theirs(images), expected) and torch.equal(mine(images), expected)

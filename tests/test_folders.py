@@ -35,8 +35,9 @@ from convmixer_pl.data import (
     ImageFolderDataModule,
     read_image,
 )
+from convmixer_pl.data import images as image_io
 from convmixer_pl.data.device import DeviceLoader
-from convmixer_pl.data.images import find_images
+from convmixer_pl.data.images import decode_all, find_images
 from convmixer_pl.module import ConvMixerClassifier
 
 LOADER = dict(num_workers=0, pin_memory=False, persistent_workers=False)
@@ -503,3 +504,20 @@ def test_real_cifar10_tree_fits_with_the_imagefolder_config(cifar10_jpg, tmp_pat
     assert cli.datamodule.class_names == CIFAR10_CLASSES  # the checkpoint's
     assert cli.datamodule.data_config == cli.model.data_config and cli.model.data_config.image_size == 32
     assert 0 <= cli.trainer.callback_metrics["test/acc1"].item() <= 1
+
+
+def test_small_images_decode_on_one_thread_and_large_ones_on_several(tmp_path, monkeypatch):
+    """Threads only contend on small images (PIL parses their headers under the GIL): decode_all uses one there."""
+    workers, real = [], image_io.ThreadPoolExecutor
+    monkeypatch.setattr(image_io, "_threads", lambda: 3)
+    monkeypatch.setattr(image_io, "ThreadPoolExecutor", lambda max_workers: workers.append(max_workers) or real(
+        max_workers=max_workers))
+    rng = np.random.default_rng(0)
+    for side in (32, 128):
+        paths = [str(tmp_path / f"{side}_{i}.png") for i in range(3)]
+        for path in paths:
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+        decoded = decode_all(paths, "RGB", lambda image: image[:, :8, :8], "test")
+        assert decoded.shape == (3, 3, 8, 8) and torch.equal(decoded[2], torch.from_numpy(
+            np.asarray(Image.open(paths[2]))).permute(2, 0, 1)[:, :8, :8])
+    assert workers == [1, 3]

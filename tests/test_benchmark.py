@@ -32,7 +32,7 @@ def test_benchmark_prints_every_figure_with_its_noise(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
-    assert "model: convmixer_256_8 dim=8 depth=2 kernel=3 patch=2 classes=10, 8x8, batch 4" in text
+    assert "model: convmixer_256_8 dim=8 depth=2 kernel=3 patch=2 act=gelu classes=10, 8x8, batch 4" in text
     assert "settings: precision bf16-mixed, channels_last on (default), compile off" in text
     assert "official: the plain loop in NCHW, eager, precision 32-true, nn.Conv2d's depthwise backward" in text
     assert "2 timed steps after 1 warm-up per run, 1 round(s), every timed step kept" in text

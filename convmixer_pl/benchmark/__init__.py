@@ -49,7 +49,7 @@ def _choices(name: str, value: str, allowed: tuple[str, ...]) -> list[str]:
 def benchmark(
     variant: str = "convmixer_256_8", dim: int | None = None, depth: int | None = None,
     kernel_size: int | None = None, patch_size: int | None = None, num_classes: int | None = None,
-    image_size: int | None = None, batch_size: int = 64,
+    act: Literal["gelu", "relu", "silu"] | None = None, image_size: int | None = None, batch_size: int = 64,
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true", channels_last: bool | None = None,
     compile: bool = False, compile_mode: str = "default", grad_checkpointing: Literal["off", "on", "both"] = "off",
     cudnn_benchmark: bool = False, stock_depthwise: bool = False, device: str = "auto", threads: int | None = None,
@@ -66,6 +66,7 @@ def benchmark(
         kernel_size: Depthwise kernel size.
         patch_size: Patch size.
         num_classes: Classes.
+        act: Activation.
         image_size: Input size (default 32 for 10-class variants, else 224).
         batch_size: Images per step.
         precision: Lightning's precision; the plain loop uses the same autocast.
@@ -100,7 +101,8 @@ def benchmark(
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*(log_every_n_steps|does not have many workers|no `val_dataloader`"
                                               r"|LeafSpec)")
-    given = dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size, num_classes=num_classes)
+    given = dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size, num_classes=num_classes,
+                 act=act)
     arch = {"num_classes": 1000, **VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}}
     size = image_size or (32 if arch["num_classes"] == 10 else 224)
     setup = Setup(arch, size, batch_size, precision, use_channels_last(channels_last, dev, arch["kernel_size"]),
@@ -151,7 +153,8 @@ def _print_header(variant: str, setup: Setup, official: Setup, device: torch.dev
                   steps: int, warmup: int, rounds: int) -> None:
     a, on = setup.arch, {True: "on", False: "off"}
     print(f"model: {variant} dim={a['dim']} depth={a['depth']} kernel={a['kernel_size']} patch={a['patch_size']} "
-          f"classes={a['num_classes']}, {setup.image_size}x{setup.image_size}, batch {setup.batch_size}")
+          f"act={a.get('act', 'gelu')} classes={a['num_classes']}, {setup.image_size}x{setup.image_size}, "
+          f"batch {setup.batch_size}")
     print(f"settings: precision {setup.precision}, channels_last {on[setup.channels_last]}"
           f"{' (default)' if channels_last is None else ''}, compile {setup.compile_mode if setup.compile else 'off'}"
           f", cudnn_benchmark {on[setup.cudnn_benchmark]}, depthwise weight gradient: "

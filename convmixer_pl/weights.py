@@ -246,7 +246,7 @@ def load_pretrained(model: ConvMixer, path: str | Path) -> None:
         found = "no head" if file_head is None else f"a {file_head.shape[0]}-class head"
         say(f"model.pretrained {path}: the file has {found}, the model {model.num_classes} classes: "
             "the head is re-initialised")
-    if folder is None and "relu" in path.name.lower() and not isinstance(model.stem[1], nn.ReLU):
+    if folder is None and "relu" in path.name.lower() and model.act != "relu":
         # a folder's config.json was checked
-        say(f"model.pretrained {path}: the file name says ReLU but model.act is gelu; "
+        say(f"model.pretrained {path}: the file name says ReLU but model.act is {model.act}; "
             "set model.act: relu for this file (the 768/32 release uses ReLU)")

@@ -1,13 +1,11 @@
 """Pictures of what a ConvMixer learned: training curves, the test confusion matrix, and, as in the paper's figures,
-the depthwise kernels and patch-embedding filters as grids; and `read_metrics`, the one reader of a run's
-`metrics.csv`.
+the depthwise kernels and patch-embedding filters as grids; and `read_metrics`, the one reader of `metrics.csv`.
 
     convmixer plots --ckpt_path checkpoints/digits/last.ckpt     # -> checkpoints/digits/plots/
 
-Every picture is drawn with matplotlib, titled, with labelled axes and a colour scale, and written through
-`files.atomic_write`. `convmixer fit` writes the curves and the grids through `callbacks.PlotWriter`, `convmixer
-test` the confusion matrix through `callbacks.PerClassReport`; `plots` draws all four again from a checkpoint and
-its logs.
+Each is a titled matplotlib figure with labelled axes and a colour scale, written through `files.atomic_write`.
+`fit` draws the curves and grids (`callbacks.PlotWriter`), `test` the confusion matrix (`callbacks.PerClassReport`);
+`plots` draws all four again from a checkpoint and its logs.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from torchvision.utils import make_grid
 
 from .checkpoints import load_module
 from .console import say
@@ -49,15 +48,10 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
 # -- kernel and filter grids ---------------------------------------------------------------------------------------
 
 def tile(weights: np.ndarray, columns: int) -> np.ndarray:
-    """(n, c, k, k) weights as one (rows * (k + 1) - 1, columns * (k + 1) - 1, c) image, row by row, with NaN in
-    the one-pixel gaps between them."""
-    n, c, k, _ = weights.shape
-    rows = math.ceil(n / columns)
-    image = np.full((rows * (k + 1) - 1, columns * (k + 1) - 1, c), np.nan, dtype=np.float32)
-    for i, weight in enumerate(weights):
-        row, column = divmod(i, columns)
-        image[row * (k + 1):row * (k + 1) + k, column * (k + 1):column * (k + 1) + k] = weight.transpose(1, 2, 0)
-    return image
+    """(n, c, k, k) weights as one (H, W, c) image, row by row, with NaN in the one-pixel gaps between them."""
+    grid = make_grid(torch.from_numpy(weights), columns, padding=1, pad_value=float("nan"))[:weights.shape[1]]
+    grid = grid if len(weights) == 1 else grid[:, 1:-1, 1:-1]  # make_grid pads the edges too, unless one image
+    return grid.permute(1, 2, 0).numpy()
 
 
 def _index_axes(ax, count: int, columns: int, k: int, ylabel: bool = True) -> None:
@@ -86,8 +80,7 @@ def _draw_grid(figure: Figure, ax, weights: np.ndarray, label: str, ylabel: bool
 
 
 def depthwise_kernels(model: ConvMixer, layers: int = 6, per_layer: int = 64) -> Figure:
-    """The first `per_layer` depthwise kernels of up to `layers` evenly spaced blocks, one panel per block, each on
-    its own symmetric scale."""
+    """The first `per_layer` depthwise kernels of up to `layers` evenly spaced blocks, a panel (and scale) each."""
     depth = len(model.blocks)
     n = min(layers, depth)
     blocks = sorted({round(i * (depth - 1) / max(1, n - 1)) for i in range(n)})  # the first and the last included
@@ -98,17 +91,15 @@ def depthwise_kernels(model: ConvMixer, layers: int = 6, per_layer: int = 64) ->
         _draw_grid(figure, ax, weight, "weight", ylabel=i == blocks[0])
         ax.set_title(f"block {i + 1}", fontsize=10)
     k, dim = model.blocks[0][0].fn[0].kernel_size[0], model.blocks[0][0].fn[0].out_channels
-    shown = min(per_layer, dim)
     numbers = ", ".join(str(i + 1) for i in blocks)
     which = f"all {depth} blocks" if len(blocks) == depth else f"blocks {numbers} of {depth}"
-    figure.suptitle(f"Depthwise {k}×{k} kernels of channels 0-{shown - 1} (of {dim})\nin {which}, each block on its "
-                    "own scale", fontsize=11)
+    figure.suptitle(f"Depthwise {k}×{k} kernels of channels 0-{min(per_layer, dim) - 1} (of {dim})\nin {which}, each "
+                    "block on its own scale", fontsize=11)
     return figure
 
 
 def patch_embeddings(model: ConvMixer, limit: int = 256) -> Figure:
-    """The patch-embedding filters (the stem convolution): RGB filters in colour on one shared scale, others grey
-    with a colour bar."""
+    """The stem's patch-embedding filters: RGB ones in colour on one shared scale, others grey with a colour bar."""
     weight = model.stem[0].weight.detach().float().cpu()[:limit].numpy()  # (n, in_chans, p, p)
     n, in_chans, p, _ = weight.shape
     figure = Figure(figsize=(5.0, 5.6), layout="constrained")
@@ -137,11 +128,9 @@ def save_weight_grids(model: ConvMixer, out_dir: str | os.PathLike) -> list[Path
 # -- curves --------------------------------------------------------------------------------------------------------
 
 def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """`metrics.csv` of Lightning's CSVLogger as {metric: [(epoch, value), ...]} by epoch, epoch-level rows only.
-
-    Tolerates what a resumed run leaves: rows appended after the first run's (a later row for the same metric and
-    epoch replaces the earlier one), a header repeated in the middle, and a last row cut short by a kill (left out).
-    """
+    """`metrics.csv` of Lightning's CSVLogger as {metric: [(epoch, value), ...]} by epoch, epoch-level rows only;
+    as a resumed run leaves it: a later row for a metric and epoch replaces the earlier, a header may repeat, and a
+    last row cut short by a kill is left out."""
     latest: dict[str, dict[int, float]] = {}
     with open(path, newline="") as handle:
         rows = csv.reader(handle)

@@ -2,25 +2,21 @@
 channels_last and torch.compile on GPUs.
 
 What is fastest depends on the machine: bf16 autocast runs at twice fp32's speed on a CPU with native bf16
-(AVX512-BF16, AMX) and at a tenth of it on a CPU without (emulated); channels_last and torch.compile go opposite
-ways for kernels 7 and 9 on GPUs. So the first time a model shape meets a device, `choose_speed` times a few
-training steps of each candidate on synthetic data and remembers the choice:
+(AVX512-BF16, AMX) and at a tenth of it without (emulated); channels_last and torch.compile go opposite ways for
+kernels 7 and 9 on GPUs. So the first time a model shape meets a device, `choose_speed` times a few training steps
+of each candidate on synthetic data:
 
-- candidates that would run the same code are measured once (the depthwise path only matters where
-  `convmixer_pl.depthwise` would use its own gradient); bf16 is a CPU candidate only with native bf16;
-- one warm-up step each, then rounds of one step of each candidate, interleaved and in a rotating order, so that a
-  burst of load on a shared machine slows the candidates of a round alike; a candidate's speed is the median over
-  rounds of the reference's step time over its own in the same round; clearly slower candidates are dropped from
-  the third round on; rounds stop after `budget_s` (at least `MIN_ROUNDS`);
-- fp32 is kept unless a reduced precision is faster by `PRECISION_MARGIN`, and the default layout unless another
-  is faster by `TIE_MARGIN`, so that noise does not flip the choice;
-- where other processes kept the CPUs busy meanwhile (read from /proc/stat), the figures are too noisy to keep:
-  the default stays unless another choice measured `BUSY_MARGIN` times as fast, and nothing is cached;
-- the choice is cached in a JSON file keyed by device, shape and torch version (`$CONVMIXER_CACHE_DIR/speed.json`,
-  default `~/.cache/convmixer/speed.json`) and said in one line.
+- candidates that would run the same code are measured once (`_runs_as`); bf16 is a CPU candidate only where native;
+- one warm-up step each, then rounds of one step per candidate in a rotating order, so that a burst of load slows a
+  round's candidates alike; a candidate's speed is the median over rounds of the reference's step time over its
+  own; clearly slower ones drop out after two rounds; rounds stop after `budget_s` (at least `MIN_ROUNDS`);
+- fp32 is kept unless a reduced precision is `PRECISION_MARGIN` faster, and the default layout unless another is
+  `TIE_MARGIN` faster, so that noise does not flip the choice;
+- where other processes kept the CPUs busy meanwhile (/proc/stat), the default stays unless another choice measured
+  `BUSY_MARGIN` times as fast, and nothing is cached; otherwise the choice is cached (`cache_file`) by device, shape
+  and torch version. Either way it is said in one line.
 
-A setting given explicitly (a precision, channels_last true/false, fast_depthwise_grad, compile) is not measured:
-the other knobs are measured with it.
+A knob set explicitly (precision, channels_last, fast_depthwise_grad, compile) is kept; the rest are measured with it.
 """
 
 from __future__ import annotations
@@ -31,10 +27,10 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
-from itertools import product
+from itertools import product, starmap
 from pathlib import Path
 
 import torch
@@ -62,8 +58,7 @@ StepFactory = Callable[["SpeedChoice"], Callable[[], None]]
 
 @dataclass(frozen=True)
 class SpeedChoice:
-    """How a model trains: the trainer's precision, the model's memory format, its CPU depthwise weight gradient
-    (`ConvMixer(fast_depthwise_grad=...)`) and whether it is compiled."""
+    """How a model trains: precision, memory format, CPU depthwise weight gradient (`ConvMixer`'s), compiled or not."""
 
     precision: str = FULL
     channels_last: bool = True
@@ -92,8 +87,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, model: ConvMixer, image_size: int, batch_size: int) -> ModelShape:
-        """The shape of a built ConvMixer trained on `image_size` inputs (the training crop) in batches of
-        `batch_size`."""
+        """A built ConvMixer's shape, trained on `image_size` inputs (the training crop) in batches of `batch_size`."""
         depthwise = model.blocks[0][0].fn[0]
         return cls(model.num_features, len(model.blocks), depthwise.kernel_size[0], model.patch_size, model.in_chans,
                    image_size, batch_size, model.act)
@@ -112,8 +106,7 @@ class NotMeasurable(RuntimeError):
 
 # -- what the machine can do -------------------------------------------------------------------------------------
 def cpu_bf16_facts() -> dict[str, object]:
-    """What decides native bf16: the CPU's instructions, ATen's kernel level (`ATEN_CPU_CAPABILITY` lowers it) and
-    oneDNN's (`ONEDNN_MAX_CPU_ISA` lowers it)."""
+    """What decides native bf16: the CPU, ATen's and oneDNN's levels (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`)."""
     caps = getattr(torch.cpu, "get_capabilities", lambda: {})()
     hardware = any(caps.get(name) for name in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
     if not caps and hasattr(torch.cpu, "_is_avx512_bf16_supported"):  # torch without get_capabilities()
@@ -146,10 +139,9 @@ def usable_cpus() -> int:
 
 
 def threads_for_load(threads: int | None = None, window_s: float = 0.5) -> tuple[int, float | None]:
-    """Torch's intra-op threads for the CPUs other processes leave free now (at least one, at most `threads`,
-    default torch's), and how many CPUs they keep busy (None where /proc/stat cannot tell). The threads wait on each
-    other at every parallel region, so one descheduled by another process stalls them all: with one busy process
-    on a 2-core machine, a step ran 4x slower on 2 threads than on 1 (docs/benchmarks.md)."""
+    """Torch's threads for the CPUs other processes leave free now (1 to `threads`, default torch's), and how many
+    CPUs they keep busy (None: unknown). Threads wait on each other at every parallel region, so one descheduled
+    stalls all: with one busy process on 2 cores, a step ran 4x slower on 2 threads than on 1 (docs/benchmarks.md)."""
     threads = threads or torch.get_num_threads()
     before = load_sample()
     time.sleep(window_s)
@@ -160,9 +152,8 @@ def threads_for_load(threads: int | None = None, window_s: float = 0.5) -> tuple
 
 
 def use_free_cpus(saved: int | None = None) -> None:
-    """Torch's threads on the CPUs that other processes leave free (`threads_for_load`), said in one line where
-    fewer, unless OMP_NUM_THREADS sets them; `saved` (a resumed run's count) is kept where this machine has the
-    cores, for a bit-for-bit resume."""
+    """Torch's threads on the CPUs other processes leave free (`threads_for_load`), said where fewer, unless
+    OMP_NUM_THREADS sets them; a resumed run's `saved` count is kept where the cores allow: a bit-for-bit resume."""
     if "OMP_NUM_THREADS" in os.environ:
         return
     most = torch.get_num_threads()
@@ -174,9 +165,8 @@ def use_free_cpus(saved: int | None = None) -> None:
 
 
 def cpu_fallback_workers(num_workers: int, cpus: int | None = None) -> int:
-    """Loader workers of a GPU config run on the CPU: at most one fewer than the usable cores. The training step
-    already uses every core through its threads; one-threaded workers up to the other cores overlap loading with
-    the step, more only take turns with it (and with one core, loading stays in the main process)."""
+    """Loader workers of a GPU config run on the CPU: at most one fewer than the usable cores. The step's threads
+    use every core; one-threaded workers on the others overlap loading with it, more only take turns with it."""
     cpus = usable_cpus() if cpus is None else cpus
     return max(0, min(num_workers, cpus - 1))
 
@@ -184,9 +174,7 @@ def cpu_fallback_workers(num_workers: int, cpus: int | None = None) -> int:
 def cpu_fallback_precision(precision: str | int | None) -> str | None:
     """The precision of a GPU config run on the CPU: full precision stays as it is; a GPU's reduced precision
     becomes None, to be measured on this CPU (where bf16 is a candidate only with native bf16 and fp16 never)."""
-    if precision is None:
-        return None
-    precision = _ALIASES.get(str(precision), str(precision))
+    precision = _ALIASES.get(str(precision), str(precision))  # None: "None", not a full precision
     return precision if precision in _FULL_PRECISIONS else None
 
 
@@ -194,9 +182,8 @@ def device_key(device: torch.device) -> str:
     """The device as the cache knows it: the CPU's model, ATen's kernel level, native bf16 and threads; or the
     GPU's name and compute capability."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        return f"cuda {torch.cuda.get_device_name(index)} sm{major}{minor}"
+        major, minor = torch.cuda.get_device_capability(device)  # index None: the current device
+        return f"cuda {torch.cuda.get_device_name(device)} sm{major}{minor}"
     if device.type != "cpu":
         return device.type
     bf16 = " bf16" if cpu_has_native_bf16() else ""
@@ -205,13 +192,10 @@ def device_key(device: torch.device) -> str:
 
 def _cpu_name() -> str:
     info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    with suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     name = info.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in info and "model" in info:  # "AMD EPYC" alone names several generations
         name += f" (family {info['cpu family']} model {info['model']})"
@@ -247,16 +231,15 @@ def _runs_as(choice: SpeedChoice, shape: ModelShape, device: torch.device) -> tu
 def candidates(shape: ModelShape, device: torch.device, *, precision: str | None = None,
                channels_last: bool | None = None, fast_depthwise_grad: bool | None = None,
                compile: bool | None = None) -> list[SpeedChoice]:
-    """The choices worth measuring, each knob set explicitly kept as it is; the first (fp32, NCHW where free) is
-    the reference the others are timed against. Choices that run the same code are measured once."""
+    """The choices worth measuring, once per code path (`_runs_as`), each knob set explicitly kept; the first (fp32,
+    NCHW where free) is the reference the others are timed against."""
     cpu = device.type == "cpu"
     knobs = product([_ALIASES.get(str(precision), str(precision))] if precision else _precisions(device),
                     [channels_last] if channels_last is not None else [False, True],
                     [fast_depthwise_grad] if fast_depthwise_grad is not None else ([True, False] if cpu else [True]),
                     [compile] if compile is not None else ([False] if cpu else [False, True]))
     unique: dict[tuple, SpeedChoice] = {}
-    for p, layout, fast, compiled in knobs:
-        choice = SpeedChoice(p, layout, fast, compiled)
+    for choice in starmap(SpeedChoice, knobs):
         unique.setdefault(_runs_as(choice, shape, device), choice)
     return list(unique.values())
 
@@ -293,9 +276,8 @@ class Measurement:
 
 def measure(choices: list[SpeedChoice], make_step: StepFactory, batch_size: int, *, budget_s: float = 12.0,
             max_s: float = 480.0, clock: Callable[[], float] = time.perf_counter) -> Measurement:
-    """Time training steps of `choices` (the first is the reference) in interleaved rounds; see the module
-    docstring. Raises `NotMeasurable` when the reference's warm-up step says the whole would exceed `max_s`, or
-    that other processes left it less than a quarter of its threads' time."""
+    """Time training steps of `choices` (the first is the reference) in interleaved rounds (module docstring).
+    Raises `NotMeasurable` where the reference's warm-up step would put the whole past `max_s`, or was `crowded_out`."""
     start = clock()
     steps, warm_up = _warm_up(choices, make_step, clock, max_s)
     reference, alive = choices[0], list(steps)
@@ -400,19 +382,15 @@ def training_step(shape: ModelShape, device: torch.device) -> StepFactory:
             model.compile()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # small: random data stays finite
         autocast = _AUTOCAST.get(choice.precision)
-        scaler = torch.amp.GradScaler(device.type) if autocast is torch.float16 and device.type == "cuda" else None
+        scaler = torch.amp.GradScaler(device.type, enabled=autocast is torch.float16 and device.type == "cuda")
         inputs = images.to(_WEIGHTS.get(choice.precision, images.dtype))
 
         def step() -> None:
             with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                 loss = F.cross_entropy(model(inputs.contiguous(memory_format=layout)), targets, label_smoothing=0.1)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            scaler.scale(loss).backward()  # disabled (all but fp16 on a GPU): backward() and optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -422,8 +400,7 @@ def training_step(shape: ModelShape, device: torch.device) -> StepFactory:
 
 @contextmanager
 def _measuring(device: torch.device) -> Iterator[None]:
-    """Leave the run as it was: its random streams, and cuDNN's algorithm search (on for the measurement, as in
-    the GPU configs)."""
+    """Leave the run's random streams and cuDNN's algorithm search (on while measuring, as in GPU configs) as is."""
     benchmark = torch.backends.cudnn.benchmark
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
@@ -436,11 +413,8 @@ def _measuring(device: torch.device) -> Iterator[None]:
 
 # -- the cache -----------------------------------------------------------------------------------------------------
 def cache_file() -> Path:
-    """`$CONVMIXER_CACHE_DIR/speed.json`, else `$XDG_CACHE_HOME/convmixer/speed.json`, else
-    `~/.cache/convmixer/speed.json`."""
-    folder = os.environ.get(CACHE_ENV)
-    if not folder:
-        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "convmixer"
+    """`speed.json` in `$CONVMIXER_CACHE_DIR`, else in `$XDG_CACHE_HOME/convmixer`, else in `~/.cache/convmixer`."""
+    folder = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "convmixer"
     return Path(folder) / "speed.json"
 
 
@@ -468,12 +442,10 @@ def read_cache(path: Path) -> dict[str, dict]:
 
 
 def write_cache(path: Path, key: str, entry: dict) -> bool:
-    """Add `entry` under `key`, written atomically (a temporary file moved into place). False, with a note, where
-    the file cannot be written."""
-    try:
+    """Add `entry` under `key`, written atomically (a temporary file moved into place); False, with a note, if not."""
+    entries = {}  # where missing or unreadable (said when it was read): replaced
+    with suppress(OSError, ValueError):
         entries = _entries(path)  # as it is now: another process may have added to it
-    except (OSError, ValueError):
-        entries = {}  # missing or unreadable (said when it was read): replaced
     entries[key] = entry
     try:
         with atomic_write(path) as f:
@@ -498,11 +470,9 @@ def choose_speed(shape: ModelShape, device: torch.device | str = "cpu", *, preci
                  compile: bool | None = None, measure_now: bool = True, budget_s: float = 12.0,
                  make_step: StepFactory | None = None, clock: Callable[[], float] = time.perf_counter) -> SpeedChoice:
     """The speed settings for training `shape` on `device`: each knob given explicitly as it is, the others from
-    the cache or, the first time, from a measurement (module docstring), said in one line.
-
-    `measure_now=False` (a multi-process run, whose processes must agree): the cache, else the default choice.
-    `make_step` and `clock` replace the real training step and timer (tests).
-    """
+    the cache or, the first time, from a measurement (module docstring), said in one line. `measure_now=False` (a
+    multi-process run, whose processes must agree): the cache, else the default. `make_step` and `clock` replace the
+    real training step and timer (tests)."""
     device = torch.device(device)
     fixed = {k: v for k, v in (("precision", precision), ("channels_last", channels_last),
                                ("fast_depthwise_grad", fast_depthwise_grad), ("compile", compile)) if v is not None}

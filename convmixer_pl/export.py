@@ -1,15 +1,13 @@
 """`convmixer export`: a trained checkpoint for deployment, with a dynamic batch size, or to share it with timm.
 
-    convmixer export --ckpt_path checkpoints/digits/last.ckpt --format onnx --output model.onnx
-    convmixer export --ckpt_path checkpoints/digits/last.ckpt --format pt2 --output model.pt2
+    convmixer export --ckpt_path checkpoints/digits/last.ckpt --format onnx|pt2|hf [--output PATH]
     convmixer export --ckpt_path checkpoints/digits/last.ckpt --format hf --output digits_hf [--push_to_hub REPO]
 
-`onnx` goes through torch.onnx's exporter, `pt2` is a `torch.export` program (TorchScript is not offered:
-torch.jit is deprecated in favour of torch.export), `hf` a folder in the layout timm reads from the Hugging Face hub
-(`hub.py`, docs/sharing.md). The graph maps normalised images (N, C, H, W) to logits (N, num_classes); the
-checkpoint's data config travels with it in timm's terms, the same in every format (the ONNX metadata property
-`convmixer`, the extra file `convmixer.json` of a .pt2 archive, the folder's config.json). Each output is written
-under a temporary name and moved into place.
+`onnx` goes through torch.onnx's exporter, `pt2` is a `torch.export` program (not TorchScript: torch.jit is
+deprecated in favour of torch.export), `hf` a folder in the layout timm reads from the Hugging Face hub (`hub.py`).
+The graph maps normalised images (N, C, H, W) to logits (N, num_classes); the checkpoint's data config travels with
+it in timm's terms (the ONNX metadata property `convmixer`, the .pt2 archive's extra file `convmixer.json`, the
+folder's config.json). Each output is written under a temporary name and moved into place.
 """
 
 from __future__ import annotations
@@ -39,8 +37,8 @@ def metadata(module) -> dict:
             "num_classes": module.num_classes, "output": "logits"}
 
 
-def example_input(module, batch_size: int = 2) -> torch.Tensor:
-    return torch.randn(batch_size, *module.data_config.input_size)  # batch 2: not specialised to 1
+def example_input(module) -> torch.Tensor:
+    return torch.randn(2, *module.data_config.input_size)  # batch 2: not specialised to 1
 
 
 _DYNAMIC_BATCH = ({0: torch.export.Dim("batch")},)
@@ -68,7 +66,7 @@ def write_pt2(module, output: Path, **_) -> None:
 
 
 def write_hf(module, output: Path, **_) -> None:
-    """The folder is written beside `output` and swapped in: an old folder stays whole until the new one is."""
+    """Written beside `output` and swapped in: an old folder stays whole until the new one is."""
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} is a file; --format hf writes a folder: choose another --output")
     tmp, old = temporary_path(output), temporary_path(output.with_name(output.name + ".old"))

@@ -2,9 +2,7 @@
 
 The folder is what timm's own `save_for_hf` writes for a timm ConvMixer holding our weights (their keys are timm's):
 `model.safetensors` and a `config.json` with our class names (`label_names`) and evaluation preprocessing
-(`pretrained_cfg`). A paper variant is its timm name; other sizes spell their arguments out in `model_args`
-(`weights.timm_architecture`, docs/sharing.md).
-
+(`pretrained_cfg`); sizes that are no paper variant spell their arguments out in `model_args` (docs/sharing.md).
 Writing needs timm, safetensors and huggingface_hub; uploading needs a network and a hub login.
 """
 
@@ -24,21 +22,20 @@ class HubError(ValueError):
 
 
 def timm_model(module):
-    """timm's ConvMixer for the module's architecture and preprocessing, holding its weights, and the model_args
-    config.json needs beyond what timm records itself (in_chans, num_classes, global_pool)."""
+    """timm's ConvMixer holding the module's weights and preprocessing, and the model_args config.json needs beyond
+    what timm records itself."""
     from timm.layers import get_act_layer
     from timm.models import build_model_with_cfg
     from timm.models.convmixer import ConvMixer
 
     name, model_args = timm_architecture(module.hparams)
     shape = trunk(module.hparams)
+    act = get_act_layer(shape.pop("act"))
     pretrained_cfg = dict(architecture=name, num_classes=module.num_classes, **module.data_config.pretrained_cfg(),
                           first_conv="stem.0", classifier="head")
     # timm's builder attaches pretrained_cfg and the traits its writer reads; no registry entry is involved
-    model = build_model_with_cfg(ConvMixer, name, False, pretrained_cfg=pretrained_cfg, dim=shape["dim"],
-                                 depth=shape["depth"], kernel_size=shape["kernel_size"],
-                                 patch_size=shape["patch_size"], in_chans=module.model.in_chans,
-                                 num_classes=module.num_classes, act_layer=get_act_layer(shape["act"]))
+    model = build_model_with_cfg(ConvMixer, name, False, pretrained_cfg=pretrained_cfg, **shape, act_layer=act,
+                                 in_chans=module.model.in_chans, num_classes=module.num_classes)
     model.load_state_dict(module.model.state_dict())  # strict: our keys are timm's
     return model.eval(), model_args
 

@@ -1,21 +1,18 @@
 """The depthwise convolution of the ConvMixer blocks, with a faster weight gradient on the CPU.
 
 On the CPU the depthwise weight gradient dominates a ConvMixer training step: oneDNN's is many times slower than
-the forward pass, and slower in bf16 than in fp32. During training on the CPU this module computes it another way:
+the forward pass, and slower in bf16 than in fp32. In CPU training this module computes it another way:
 
-- bf16: from fp32 copies of the bf16 input and output gradient, because oneDNN's bf16 weight gradient is slower
-  than its fp32 one (the same math, accumulated in fp32, so at least as accurate);
+- bf16: from fp32 copies of the input and output gradient (the same math, accumulated in fp32: as accurate or more);
 - channels_last, kernel 5, at least `COMPILED_MIN_NUMEL` activations: with a kernel that torch.compile generates
-  from the 25-tap reduction (`_weight_grad_taps`): one pass over both tensors, vectorised over channels,
-  accumulated in fp32, over chunks of the batch that stay in cache, at the vector width of ATen's CPU capability;
-  each shape's first result is checked against oneDNN's. Kernel 3 keeps oneDNN (which has a fast kernel for it),
-  and so do kernels 7 and 9 (smaller and less steady gains, and long compiles). Compiling runs once per shape; if
-  it fails (no C++ compiler, say), a warning is printed once and oneDNN's gradient is used.
+  from the 25-tap reduction (`_weight_grad_taps`): one fp32 pass over both tensors, vectorised over channels, over
+  chunks of the batch that stay in cache, at the vector width of ATen's CPU capability; compiled once per shape, its
+  first result checked against oneDNN's. Kernel 3 keeps oneDNN (fast for it), and so do kernels 7 and 9 (smaller,
+  less steady gains, long compiles). If compiling fails (no C++ compiler, say), one warning, and oneDNN is used.
 
 Parameters, state_dict, outputs and input gradients are `nn.Conv2d`'s; so is everything on other devices, in
 evaluation, inside a torch.compile'd model, and with `fast_cpu_grad=False` (`ConvMixer(fast_depthwise_grad=False)`).
-The measurements and their commands are in docs/benchmarks.md (`python -m benchmarks.depthwise_weight_grad` per
-call, `convmixer benchmark --stock_depthwise true` per step).
+Measured in docs/benchmarks.md (`python -m benchmarks.depthwise_weight_grad`, `convmixer benchmark --stock_depthwise`).
 """
 
 from __future__ import annotations
@@ -47,8 +44,7 @@ def _weight_grad_taps(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> 
 
 
 def onednn_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, output_mask: list[bool]):
-    """ATen's (on the CPU: oneDNN's) backward of a stride-1 "same" depthwise convolution: (grad_x, grad_w, grad_b),
-    each computed only where `output_mask` says so."""
+    """ATen's (CPU: oneDNN's) stride-1 "same" depthwise backward: (grad_x, grad_w, grad_b), as `output_mask` asks."""
     channels, padding = weight.shape[0], weight.shape[-1] // 2
     return torch.ops.aten.convolution_backward(grad_out, x, weight, [channels], [1, 1], [padding] * 2, [1, 1], False,
                                                [0, 0], channels, output_mask)
@@ -69,8 +65,8 @@ def _chunks(x: torch.Tensor) -> list[slice]:
 
 
 def _compiled_parts(x: torch.Tensor, grad_out: torch.Tensor, padding: int) -> list[slice] | None:
-    """The chunks to run the compiled kernel on, where `_fits_compiled` and their shapes are compiled already or
-    among the first few; None: oneDNN's gradient."""
+    """The chunks to run the compiled kernel on where `_fits_compiled` and their shapes are compiled already or among
+    the first few (`_MAX_COMPILED_SHAPES`); None: oneDNN's gradient."""
     if not (_fits_compiled(x, 2 * padding + 1) and grad_out.is_contiguous(memory_format=torch.channels_last)):
         return None
     parts = _chunks(x)
@@ -154,7 +150,7 @@ class _CPUDepthwise(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = onednn_backward(grad_out, x, w, [True, False, False])[0]
-        if ctx.needs_input_grad[1] or (bias_dtype is not None and ctx.needs_input_grad[2]):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # the latter False where there is no bias
             grad_w, grad_b = _weight_grad(x, grad_out, w, bias_dtype is not None)
             # in the weight's own strides (channels_last or not): autograd's gradient layout contract, which DDP's
             # gradient buckets rely on

@@ -4,18 +4,16 @@
     curl -F file=@digit.png http://127.0.0.1:8000/predict
     curl -H "Content-Type: image/png" --data-binary @digit.png http://127.0.0.1:8000/predict
 
-The answer is `{"top_k": [{"class": "3", "prob": 0.97}, ...], "batch_size": 4}`: the top-k of the checkpoint's
-class names, and how many requests ran in the same forward pass. GET / is a page to drop an image on
-(`serve_page.py`); docs/serving.md has the options, the errors and the throughput.
+The answer is `{"top_k": [{"class": "3", "prob": 0.97}, ...], "batch_size": 4}`: the top-k class names, and how
+many requests ran in the same forward pass. GET / is a page to drop an image on (`serve_page.py`); docs/serving.md
+has the options, the errors and the throughput.
 
-Uploads are read, checked, decoded, resized and cropped in LitServe's HTTP process (the data config's per-image
-half), so that a bad one is answered there with a 4xx and never reaches a batch (LitServe fails every request of a
-batch when one of them raises); the inference workers normalise the uint8 crops on the model's device (the
-per-batch half), run the model and take the top-k. Decoding holds at most `--decode_pixels` pixels at once.
+LitServe's HTTP process reads, checks, decodes and crops uploads (the data config's per-image half, at most
+`--decode_pixels` pixels at once), so a bad one is a 4xx there and never reaches a batch (LitServe fails every
+request of a batch when one raises); the inference workers normalise the uint8 crops, run the model, take the top-k.
 """
 
 # no `from __future__ import annotations`: LitServe reads decode_request's annotation (the upload dependency)
-# as an object
 
 import ctypes
 import os
@@ -67,9 +65,8 @@ except OSError:
 # -- the HTTP process: an upload becomes a uint8 crop, or a 4xx ----------------------------------------------------
 
 class PixelBudget:
-    """At most `limit` pixels being decoded at once, across the HTTP process's threads. An image over the whole
-    budget waits until it is alone; after a large decode the freed memory goes back to the system (glibc keeps
-    freed memory for reuse otherwise, so a burst of large uploads would stay resident)."""
+    """At most `limit` pixels decoded at once across the HTTP process's threads (a larger image waits to be alone);
+    freed memory goes back to the system after a large decode (glibc would keep a burst of large uploads resident)."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.in_flight = limit, 0
@@ -115,13 +112,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big(int(declared), limit)
-    chunks, size = [], 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big(size, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+        if len(body) > limit:
+            raise too_big(len(body), limit)
+    return bytes(body)
 
 
 async def form_file(request: Request, body: bytes) -> bytes:
@@ -144,9 +140,8 @@ async def form_file(request: Request, body: bytes) -> bytes:
 
 
 def decode(data: bytes, rules: UploadRules) -> np.ndarray:
-    """An image file's bytes -> the model's uint8 crop (C, H, W), or a 400/413 naming the problem.
-
-    Runs in a thread of the HTTP process; the decompression-bomb warning is an error there (see `serve`)."""
+    """An image file's bytes -> the model's uint8 crop (C, H, W), or a 400/413 naming the problem (in a thread of
+    the HTTP process, where PIL's decompression-bomb warning is an error: see `serve`)."""
     try:
         with Image.open(BytesIO(data)) as probe:  # the header only: the size, before any pixel is decoded
             pixels = probe.size[0] * probe.size[1]
@@ -167,10 +162,8 @@ def decode(data: bytes, rules: UploadRules) -> np.ndarray:
 
 
 async def read_upload(request: Request) -> np.ndarray:
-    """FastAPI dependency of the predict route: the uploaded image as the model's uint8 crop (C, H, W).
-
-    Multipart (field `file`) or raw bytes (image/*, application/octet-stream, or no Content-Type at all); anything
-    else is a 415, an empty upload a 400, one over --max_bytes a 413."""
+    """FastAPI dependency of the predict route: the upload, multipart (field `file`) or raw bytes (image/*,
+    application/octet-stream or no Content-Type; else a 415), as the model's uint8 crop (C, H, W)."""
     rules: UploadRules = request.app.state.upload_rules
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     multipart = media == "multipart/form-data"
@@ -202,7 +195,6 @@ class ConvMixerAPI(ls.LitAPI):
             torch.set_num_threads(max(1, usable_cpus() // (self.workers + 1)))
         module = load_module(self.ckpt_path)  # in each worker process, on its own device
         self.model = module.to(device)
-        self.model_device = torch.device(device)
         self.normalise = module.data_config.batch_transform()
         self.class_names = module.class_names
 
@@ -214,7 +206,7 @@ class ConvMixerAPI(ls.LitAPI):
         batched = crops.ndim == 4
         batch = crops if batched else crops[None]
         with torch.inference_mode():
-            probs = self.model(self.normalise(batch.to(self.model_device))).softmax(dim=1)
+            probs = self.model(self.normalise(batch.to(self.model.device))).softmax(dim=1)
             answers = [{"top_k": ranked, "batch_size": len(batch)}
                        for ranked in top_classes(probs, self.class_names, self.top_k)]
         return answers if batched else answers[0]
@@ -269,7 +261,6 @@ def build_server(args: SimpleNamespace) -> ls.LitServer:
     if config is None:
         raise ServeError(f"--ckpt_path {args.ckpt_path} stores no data config (preprocessing and classes); serve a "
                          "checkpoint written by `convmixer fit`")
-    rules = UploadRules(config.pil_mode, config.image_transform(), args.max_bytes, PixelBudget(args.decode_pixels))
     names = module.class_names
     described = f"{Path(args.ckpt_path).name}: {len(names)} classes, {'×'.join(map(str, config.input_size))} input"
     api = ConvMixerAPI(args.ckpt_path, args.top_k, args.max_batch_size, args.batch_timeout, args.workers_per_device)
@@ -277,7 +268,8 @@ def build_server(args: SimpleNamespace) -> ls.LitServer:
                           model_metadata={"checkpoint": str(args.ckpt_path), "class_names": names,
                                           "data_config": config.pretrained_cfg(),
                                           "top_k": min(args.top_k, len(names))})
-    server.app.state.upload_rules = rules
+    server.app.state.upload_rules = UploadRules(config.pil_mode, config.image_transform(), args.max_bytes,
+                                                PixelBudget(args.decode_pixels))
     add_page(server, page(described))
     return server
 
@@ -294,9 +286,8 @@ def add_page(server: ls.LitServer, content: str) -> None:
 
 
 def stop_on_sigterm() -> None:
-    """SIGTERM (kill, docker stop) shuts the server down as Ctrl+C does, so LitServe stops its worker processes
-    too. The HTTP process that LitServe forks inherits the handler: uvicorn re-raises the signal there once it has
-    stopped, and it then just exits."""
+    """SIGTERM (kill, docker stop) stops the server and its workers as Ctrl+C does; the HTTP process LitServe forks
+    inherits the handler, and just exits when uvicorn re-raises the signal there once it has stopped."""
     server_pid = os.getpid()
 
     def on_sigterm(signum, frame):

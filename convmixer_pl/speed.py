@@ -254,10 +254,8 @@ def pick(rates: dict[SpeedChoice, float], default: SpeedChoice) -> SpeedChoice:
 
     full = best_of({c: r for c, r in rates.items() if c.precision in _FULL_PRECISIONS} or rates)
     reduced = {c: r for c, r in rates.items() if c.precision not in _FULL_PRECISIONS}
-    if not reduced:
-        return full
-    other = best_of(reduced)
-    return other if full not in rates or rates[other] > rates[full] * (1 + PRECISION_MARGIN) else full
+    other = best_of(reduced) if reduced else full
+    return other if rates[other] > rates[full] * (1 + PRECISION_MARGIN) else full
 
 
 # -- measuring -----------------------------------------------------------------------------------------------------
@@ -300,9 +298,8 @@ def measure(choices: list[SpeedChoice], make_step: StepFactory, batch_size: int,
         if rounds >= min_rounds and clock() - start >= budget_s:
             break
     reference_rate = batch_size / statistics.median(reference_times or [warm_up])
-    rates = {c: reference_rate * statistics.median(s) for c, s in speeds.items() if s}
-    return Measurement(rates or {reference: reference_rate}, rounds, clock() - start,
-                       other_cpus(load_before, load_sample()))
+    rates = {c: reference_rate * statistics.median(s or [1.0]) for c, s in speeds.items()}  # no rounds: the reference
+    return Measurement(rates, rounds, clock() - start, other_cpus(load_before, load_sample()))
 
 
 def _warm_up(choices: list[SpeedChoice], make_step: StepFactory, clock: Callable[[], float],

@@ -1,14 +1,11 @@
 """`convmixer benchmark`: training and inference speed and peak memory of a ConvMixer, three ways in one process.
 
-`lightning` is ConvMixerClassifier in a Trainer (as `convmixer fit`/`predict` run it), `plain` a hand-written
-PyTorch loop with the same settings (the official CIFAR-10 script's loop), `official` that loop with the official
-script's own settings (NCHW, eager, nn.Conv2d's depthwise backward, fp32 on the CPU and fp16 autocast on a GPU).
-The data is a pool of random batches already on the device, so the figures are the steps, not data loading.
-
-Every figure is printed with its noise (`measure.py`): median images/s over the timed steps, the 25th-75th
-percentiles, how many steps, and how many CPUs other processes kept busy meanwhile. With `--rounds N` the runners
-take turns N times and a ratio is the median over rounds of that round's ratio, so slow spells of a shared machine
-hit both sides alike. The loops are in `runners.py`.
+`lightning` is ConvMixerClassifier in a Trainer (as `convmixer fit`/`predict` run it), `plain` a hand-written loop
+with the same settings (the official CIFAR-10 script's loop; both in `runners.py`), `official` that loop with the
+official script's settings (NCHW, eager, nn.Conv2d's depthwise backward, fp32 on the CPU, fp16 autocast on a GPU).
+The data is a pool of random batches already on the device: the figures are the steps, not data loading. Every
+figure comes with its noise (`measure.py`). With `--rounds N` the runners take turns N times and a ratio is the
+median of the rounds' ratios, so slow spells of a shared machine hit both sides alike.
 
     convmixer benchmark --variant convmixer_256_8 --image_size 32 --batch_size 64 --precision bf16-mixed --rounds 3
 """
@@ -117,11 +114,10 @@ def benchmark(
     augment = None if augmentation == "none" else _augmentation(augmentation, dev, batch_size)
     if output is None:
         return None
-    result = {"settings": dict(variant=variant, steps=steps, warmup=warmup, rounds=rounds), "setup": asdict(setup),
-              "official": asdict(official), "device": _device_name(dev), "memory": PeakMemory.kind_of(dev),
-              "rows": rows, "ratios": ratios, "augmentation": augment}
     with atomic_write(output) as f:
-        json.dump(result, f, indent=1)
+        json.dump({"settings": dict(variant=variant, steps=steps, warmup=warmup, rounds=rounds), "setup": asdict(setup),
+                   "official": asdict(official), "device": _device_name(dev), "memory": PeakMemory.kind_of(dev),
+                   "rows": rows, "ratios": ratios, "augmentation": augment}, f, indent=1)
     return Path(output)
 
 

@@ -1,6 +1,5 @@
-"""How speed is measured: per-step wall times stamped inside the loops (the device synchronised at every stamp),
-per-call times (`torch.utils.benchmark`), the CPUs other processes kept busy meanwhile, peak memory, each figure
-with its noise; and the metrics a run logged.
+"""How speed is measured: per-step wall times stamped inside the loops (the device synchronised at every stamp) or
+per-call times (`torch.utils.benchmark`), peak memory, and the metrics a run logged.
 
 A figure is the median over every timed step, the 25th-75th percentiles beside it, the number of steps, and the
 CPUs that other processes kept busy over the same window (`speed.load_sample`, from /proc/stat; unknown below half
@@ -15,6 +14,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,10 +134,8 @@ class PeakMemory:
             self.reset_peak()
             self.base = torch.cuda.memory_allocated(self.device)
         elif self.available:
-            try:  # hand freed heap back to the OS so the baseline is what is really in use
+            with suppress(OSError, AttributeError):  # hand freed heap back to the OS: the baseline is what is in use
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
-            except (OSError, AttributeError):
-                pass
             self.base = _proc_status_kib("VmRSS") * 1024
 
     def reset_peak(self) -> None:

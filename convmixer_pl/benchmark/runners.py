@@ -71,9 +71,8 @@ def _autocast(setup: Setup, device: torch.device):
 def _plain_model(setup: Setup, device: torch.device) -> ConvMixer:
     torch.manual_seed(0)
     model = ConvMixer(**setup.arch, image_size=setup.image_size, grad_checkpointing=setup.grad_checkpointing,
-                      fast_depthwise_grad=setup.fast_depthwise_grad).to(device)
-    if setup.channels_last:
-        model.to(memory_format=torch.channels_last)
+                      fast_depthwise_grad=setup.fast_depthwise_grad)
+    model.to(device, memory_format=torch.channels_last if setup.channels_last else torch.preserve_format)
     if setup.compile:
         model.compile(mode=setup.compile_mode)
     return model
@@ -116,7 +115,7 @@ def plain_infer(setup: Setup, device: torch.device, batches: Batches, clock: Clo
         clock.tick()
 
 
-def _lightning(setup: Setup, device: torch.device, clock: Clock, max_steps: int = -1):
+def lightning_run(setup: Setup, device: torch.device, batches: Batches, clock: Clock, train: bool) -> None:
     import lightning as L
 
     from ..callbacks import ThroughputCallback
@@ -137,25 +136,14 @@ def _lightning(setup: Setup, device: torch.device, clock: Clock, max_steps: int 
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else device.type,
         devices=[device.index or 0] if device.type == "cuda" else 1, precision=setup.precision,
-        max_steps=max_steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        max_steps=len(batches), limit_val_batches=0, num_sanity_val_steps=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         benchmark=setup.cudnn_benchmark, callbacks=[Ticks(), ThroughputCallback()],
     )
-    return trainer, module
-
-
-def lightning_train(setup: Setup, device: torch.device, batches: Batches, clock: Clock) -> None:
-    trainer, module = _lightning(setup, device, clock, max_steps=len(batches))
-    trainer.fit(module, train_dataloaders=batches)
-
-
-def lightning_infer(setup: Setup, device: torch.device, batches: Batches, clock: Clock) -> None:
-    trainer, module = _lightning(setup, device, clock)
-    trainer.predict(module, dataloaders=batches, return_predictions=False)
-
-
-RUNS = {("lightning", "train"): lightning_train, ("lightning", "infer"): lightning_infer,
-        ("plain", "train"): plain_train, ("plain", "infer"): plain_infer}
+    if train:
+        trainer.fit(module, train_dataloaders=batches)
+    else:
+        trainer.predict(module, dataloaders=batches, return_predictions=False)
 
 
 def measure(loop: str, phase: str, setup: Setup, device: torch.device, pool, warmup: int, steps: int
@@ -166,7 +154,11 @@ def measure(loop: str, phase: str, setup: Setup, device: torch.device, pool, war
     memory = PeakMemory(device)
     clock = Clock(device, warmup, on_warm=memory.reset_peak)
     memory.start()
-    RUNS[loop, phase](setup, device, Batches(pool, warmup + steps), clock)
+    batches = Batches(pool, warmup + steps)
+    if loop == "lightning":
+        lightning_run(setup, device, batches, clock, train=phase == "train")
+    else:
+        (plain_train if phase == "train" else plain_infer)(setup, device, batches, clock)
     return clock.figure(setup.batch_size), memory.peak_mib()
 
 

@@ -16,13 +16,6 @@ from torchvision.transforms import v2
 
 from ..preprocessing import DataConfig, DataError
 
-TrainInterpolation = Literal["bilinear", "bicubic", "random"]
-EraseMode = Literal["const", "pixel"]
-
-
-def _mode(name: str) -> v2.InterpolationMode:
-    return v2.InterpolationMode(name)
-
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -57,14 +50,14 @@ class Augmentation:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
-    interpolation: TrainInterpolation = "bilinear"
+    interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"
     ra_num_ops: int = 0
     ra_magnitude: int = 9
     ra_magnitude_bins: int = 31
     ra_interpolation: Literal["nearest", "bilinear"] = "nearest"  # torchvision's tensor RandAugment has no bicubic
     color_jitter: float = 0.0
     re_prob: float = 0.0
-    re_mode: EraseMode = "const"
+    re_mode: Literal["const", "pixel"] = "const"
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_switch_prob: float = 0.5
@@ -101,7 +94,7 @@ class Augmentation:
         """The per-image training pipeline for data of `config`; its crops are `crop_size`, else the image size."""
         def crop(mode: str) -> v2.RandomResizedCrop:
             return v2.RandomResizedCrop(self.crop_size or config.image_size, scale=self.scale, ratio=self.ratio,
-                                        interpolation=_mode(mode), antialias=True)
+                                        interpolation=v2.InterpolationMode(mode), antialias=True)
 
         steps = [v2.ToImage(), v2.RandomChoice([crop("bilinear"), crop("bicubic")])
                  if self.interpolation == "random" else crop(self.interpolation)]
@@ -110,7 +103,7 @@ class Augmentation:
         if self.ra_num_ops > 0:
             steps.append(v2.RandAugment(num_ops=self.ra_num_ops, magnitude=self.ra_magnitude,
                                         num_magnitude_bins=self.ra_magnitude_bins,
-                                        interpolation=_mode(self.ra_interpolation)))
+                                        interpolation=v2.InterpolationMode(self.ra_interpolation)))
         if self.color_jitter > 0:
             c = self.color_jitter
             steps.append(v2.ColorJitter(brightness=c, contrast=c, saturation=c))
@@ -130,12 +123,11 @@ class Augmentation:
         mixup = v2.MixUp(alpha=self.mixup_alpha, num_classes=num_classes) if self.mixup_alpha > 0 else None
         cutmix = v2.CutMix(alpha=self.cutmix_alpha, num_classes=num_classes) if self.cutmix_alpha > 0 else None
         if mixup and cutmix:
-            mixer = v2.RandomChoice([mixup, cutmix], p=[1 - self.mix_switch_prob, self.mix_switch_prob])
-        else:
-            mixer = mixup or cutmix
-        if mixer is None:
-            return None
-        return mixer if self.mix_prob >= 1 else v2.RandomApply([mixer], p=self.mix_prob)
+            mixup = v2.RandomChoice([mixup, cutmix], p=[1 - self.mix_switch_prob, self.mix_switch_prob])
+        mixer = mixup or cutmix
+        if mixer is None or self.mix_prob >= 1:
+            return mixer
+        return v2.RandomApply([mixer], p=self.mix_prob)
 
 
 # RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and flip, nothing else: the image-folder default

@@ -1,11 +1,10 @@
 """What every data module shares: loaders, the samplers of each stage, MixUp/CutMix per batch, and the training
 position that a checkpoint keeps.
 
-Metadata flows one way. A data module that knows its data exposes its `data_config`
-(`convmixer_pl.preprocessing.DataConfig`: image size, channels, normalisation, evaluation resize and class names) as
-soon as it is constructed; the CLI links it into the model, and checkpoints store it. A module that evaluates
-without training data (a folder to predict, an image folder without `train/`) has none and takes the model's in
-`setup`.
+Metadata flows one way. A data module that knows its data exposes its `data_config` (`DataConfig`: image size,
+channels, normalisation, evaluation resize and class names) once constructed; the CLI links it into the model, and
+checkpoints store it. A module that evaluates without training data (a folder to predict, an image folder without
+`train/`) has none and takes the model's in `setup`.
 
 Exact resume (`convmixer_pl.resume`): the training order is `DistributedSampler`'s (data seed, epoch) permutation,
 one shard per process; each image's augmentation is seeded by (data seed, epoch, index); the position in the epoch
@@ -31,18 +30,14 @@ class TensorImageDataset(Dataset):
     """uint8 images (N, C, H, W) held in memory, with a per-sample transform; `paths`, the files they were decoded
     from, if any (the prediction writer names them)."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform=None,
-                 paths: list[str] | None = None) -> None:
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform, paths: list[str] | None = None) -> None:
         self.images, self.targets, self.transform, self.paths = images, targets, transform, paths
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int):
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.targets[index])
+        return self.transform(self.images[index]), int(self.targets[index])
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -83,11 +78,8 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size <= 0:
             raise DataError(f"data.batch_size must be positive, got {batch_size}")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
         self.persistent_workers = persistent_workers and num_workers > 0
-        self.seed = seed
         self.train_set = self.val_set = self.test_set = None
         self.mixer = None  # MixUp/CutMix on whole training batches (`Augmentation.batch_mixer`), or None
         self._data_config: DataConfig | None = None
@@ -181,8 +173,7 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.test_set, self._eval_sampler(self.test_set))
 
     def predict_dataloader(self):
-        # per image even with device_pipeline: one pass, whose sample indices Lightning tracks for the prediction
-        # writer
+        # per image even with device_pipeline: one pass, whose sample indices Lightning tracks for the prediction writer
         return self._loader(self.test_set)
 
     # -- the training position in checkpoints --------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """RandAugment and ColorJitter for whole batches, with torchvision.transforms.v2's semantics on uint8 images.
 
-Images are float32 RGB tensors (N, 3, H, W) that hold uint8 values: integers in [0, 255]. Each operation computes what
-torchvision's uint8 kernel computes, with the same float32 arithmetic and the same truncation back to integers, so
-an image comes out as torchvision's would, value for value (the tests compare every operation per image). What is
-batched: every image has its own operation and parameters; the images of one operation are gathered and transformed
-together (the affine ones with one `grid_sample` of per-image matrices), or, off the CPU, every operation runs on the
-whole batch and `torch.where` keeps each image's own (no device-to-host synchronisation, more arithmetic). The random
-parameters are drawn for the whole batch at once from the generator given, on its device.
+Images are float32 RGB tensors (N, 3, H, W) holding uint8 values (integers in [0, 255]). Each operation does the
+float32 arithmetic and truncation of torchvision's uint8 kernel (or calls that kernel), so an image comes out as
+torchvision's would, value for value (the tests compare every operation per image). Every image has its own operation
+and parameters: the images of one operation are gathered and transformed together (the affine ones with one
+`grid_sample` of per-image matrices), or, off the CPU, every operation runs on the whole batch and `torch.where`
+keeps each image's own (no device-to-host synchronisation, more arithmetic). The random parameters are drawn for the
+whole batch at once from the generator given, on its device.
 """
 
 from __future__ import annotations
@@ -16,60 +16,36 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix as inverse_affine_matrix
 
 # torchvision's RandAugment operations, in the order of its `_AUGMENTATION_SPACE` (the index is the op's id here)
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
        "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 SIGNED = frozenset(OPS[1:10])  # the ops whose magnitude gets a random sign
-INTERPOLATIONS = ("nearest", "bilinear")  # what torchvision's tensor RandAugment resamples with (bicubic: refused)
 
 
 def op_magnitudes(magnitude: int, num_bins: int, height: int, width: int) -> dict[str, float]:
-    """The magnitude torchvision's RandAugment gives each op at `magnitude` of `num_bins` bins, before the sign:
-    the bins' `torch.linspace` value, as the Python float it passes on (0.0 for the ops without one)."""
-    def at(values: torch.Tensor) -> float:
-        return float(values[magnitude])
-
-    return {"Identity": 0.0, "ShearX": at(torch.linspace(0.0, 0.3, num_bins)),
-            "ShearY": at(torch.linspace(0.0, 0.3, num_bins)),
-            "TranslateX": at(torch.linspace(0.0, 150.0 / 331.0 * width, num_bins)),
-            "TranslateY": at(torch.linspace(0.0, 150.0 / 331.0 * height, num_bins)),
-            "Rotate": at(torch.linspace(0.0, 30.0, num_bins)),
-            **{name: at(torch.linspace(0.0, 0.9, num_bins)) for name in ("Brightness", "Color", "Contrast",
-                                                                          "Sharpness")},
-            "Posterize": at((8 - (torch.arange(num_bins) / ((num_bins - 1) / 4))).round().int()),
-            "Solarize": at(torch.linspace(1.0, 0.0, num_bins)), "AutoContrast": 0.0, "Equalize": 0.0}
-
-
-def inverse_affine(center: tuple[float, float], angle: float, translate: tuple[float, float],
-                   shear: tuple[float, float]) -> list[float]:
-    """torchvision's `_get_inverse_affine_matrix` at scale 1, term for term (the same float64 rounding): the 2x3
-    matrix from output to input pixel coordinates, `center` relative to the image's centre."""
-    rot, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
-    (cx, cy), (tx, ty) = center, translate
-    cos_sy, tan_sx = math.cos(sy), math.tan(sx)
-    a = math.cos(rot - sy) / cos_sy
-    b = -(a * tan_sx + math.sin(rot))
-    c = math.sin(rot - sy) / cos_sy
-    d = math.cos(rot) - c * tan_sx
-    m = [d / 1.0, -b / 1.0, 0.0, -c / 1.0, a / 1.0, 0.0]
-    m[2] += cx - m[0] * (cx + tx) - m[1] * (cy + ty)
-    m[5] += cy - m[3] * (cx + tx) - m[4] * (cy + ty)
-    return m
+    """The magnitude torchvision's RandAugment gives each op at `magnitude` of `num_bins` bins, before the sign: the
+    value of its `_AUGMENTATION_SPACE` bins, as the Python float it passes on (0.0 for the ops without one)."""
+    bins = {name: values(num_bins, height, width) for name, (values, _) in v2.RandAugment._AUGMENTATION_SPACE.items()}
+    return {name: 0.0 if bins[name] is None else float(bins[name][magnitude]) for name in OPS}
 
 
 def _op_matrix(name: str, magnitude: float, height: int, width: int) -> list[float]:
-    """The matrix torchvision's RandAugment resamples with for a geometric op (the identity for the others)."""
+    """The matrix torchvision's RandAugment resamples with for a geometric op (the identity for the others),
+    computed by torchvision's own helper: output to input pixel coordinates, about the image's centre."""
     if name in ("ShearX", "ShearY"):  # sheared about the top-left corner (torchvision's center=[0, 0])
         shear = math.degrees(math.atan(magnitude))
-        return inverse_affine((-width * 0.5, -height * 0.5), 0.0, (0.0, 0.0),
-                              (shear, 0.0) if name == "ShearX" else (0.0, shear))
+        return inverse_affine_matrix([-width * 0.5, -height * 0.5], 0.0, [0.0, 0.0], 1.0,
+                                     [shear, 0.0] if name == "ShearX" else [0.0, shear])
     if name == "TranslateX":
-        return inverse_affine((0.0, 0.0), 0.0, (float(int(magnitude)), 0.0), (0.0, 0.0))
+        return inverse_affine_matrix([0.0, 0.0], 0.0, [float(int(magnitude)), 0.0], 1.0, [0.0, 0.0])
     if name == "TranslateY":
-        return inverse_affine((0.0, 0.0), 0.0, (0.0, float(int(magnitude))), (0.0, 0.0))
+        return inverse_affine_matrix([0.0, 0.0], 0.0, [0.0, float(int(magnitude))], 1.0, [0.0, 0.0])
     if name == "Rotate":  # F.rotate: the angle taken modulo 360, and negated for the affine matrix
-        return inverse_affine((0.0, 0.0), -(magnitude % 360), (0.0, 0.0), (0.0, 0.0))
+        return inverse_affine_matrix([0.0, 0.0], -(magnitude % 360), [0.0, 0.0], 1.0, [0.0, 0.0])
     return [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
@@ -89,11 +65,6 @@ def affine(images: torch.Tensor, theta: torch.Tensor, mode: str = "nearest") -> 
 
 def _as_images(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, 1, 1, 1)
-
-
-def one_minus(factor: torch.Tensor) -> torch.Tensor:
-    """`1 - factor` as torchvision computes it from a Python float factor: in float64, then to float32."""
-    return (1.0 - factor.double()).float()
 
 
 def blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor,
@@ -151,41 +122,14 @@ def solarize(images: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(images >= threshold, 255.0 - images, images)
 
 
-def autocontrast(images: torch.Tensor) -> torch.Tensor:
-    """torchvision's: each channel of each image stretched from its min..max to 0..255 (constant ones kept)."""
-    low = images.amin(dim=(-2, -1), keepdim=True)
-    high = images.amax(dim=(-2, -1), keepdim=True)
-    flat = high == low
-    inv_scale = torch.where(flat, 1.0, (high - low).mul_(1.0 / 255))
-    low = torch.where(flat, 0.0, low)
-    return (images - low).div_(inv_scale).clamp_(0, 255).floor_()
-
-
-def equalize(images: torch.Tensor) -> torch.Tensor:
-    """torchvision's (PIL's) histogram equalization of each channel of each image, with batched histograms."""
-    flat = images.flatten(2).long()  # (N, C, H * W)
-    hist = flat.new_zeros(flat.shape[:2] + (256,)).scatter_add_(2, flat, torch.ones_like(flat))
-    cum = hist.cumsum(2)
-    # PIL's step: the pixels below the channel's top value, / 255; no equalization where it is 0
-    step = (flat.shape[2] - hist.gather(2, cum.argmax(2, keepdim=True))).div_(255, rounding_mode="floor")
-    lut = (cum[..., :-1] + step // 2).div_(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
-    lut = torch.cat([torch.zeros_like(lut[..., :1]), lut], dim=2)
-    equalized = lut.gather(2, flat).view(images.shape).to(images.dtype)
-    return torch.where((step != 0).unsqueeze(-1), equalized, images)
-
-
 class BatchRandAugment:
     """`v2.RandAugment(num_ops, magnitude, num_magnitude_bins, interpolation)` on a batch of uint8-valued float
     images: per image and per op slot, an op drawn uniformly from `OPS` and a sign (negative with probability 1/2)
-    for the signed ones, at torchvision's magnitude for `magnitude` of the bins; fill 0 for the geometric ops."""
+    for the signed ones, at torchvision's magnitude for `magnitude` of the bins; fill 0 for the geometric ops. The
+    options are `Augmentation`'s, checked there (`interpolation`: nearest or bilinear, torchvision's on tensors)."""
 
     def __init__(self, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31,
                  interpolation: str = "nearest") -> None:
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"RandAugment on tensors resamples with {' or '.join(INTERPOLATIONS)}, not "
-                             f"{interpolation!r}")
-        if num_ops < 0 or num_magnitude_bins < 2 or not 0 <= magnitude < num_magnitude_bins:
-            raise ValueError(f"num_ops {num_ops} must be >= 0 and magnitude {magnitude} in [0, {num_magnitude_bins})")
         self.num_ops, self.magnitude, self.num_bins = num_ops, magnitude, num_magnitude_bins
         self.interpolation = interpolation
         values = op_magnitudes(magnitude, num_magnitude_bins, 1, 1)  # these two do not depend on the size
@@ -195,12 +139,13 @@ class BatchRandAugment:
             (1, 5, self._geometric), (6, 6, self._enhance(adjust_brightness)),
             (7, 7, self._enhance(adjust_saturation)), (8, 8, self._enhance(adjust_contrast)),
             (9, 9, self._enhance(adjust_sharpness)), (10, 10, lambda x, variant: posterize(x, self.bits)),
-            (11, 11, lambda x, variant: solarize(x, self.threshold)), (12, 12, lambda x, variant: autocontrast(x)),
-            (13, 13, lambda x, variant: equalize(x)))
+            (11, 11, lambda x, variant: solarize(x, self.threshold)),
+            # torchvision's own kernels, exact on the uint8 values (and faster than batched float ones on the CPU)
+            (12, 12, lambda x, variant: TF.autocontrast_image(x.to(torch.uint8)).float()),
+            (13, 13, lambda x, variant: TF.equalize_image(x.to(torch.uint8)).float()))
 
     def magnitudes(self, height: int, width: int) -> list[tuple[float, float]]:
-        """Per op (the order of `OPS`), the magnitude torchvision passes to it with a positive and a negative
-        sign."""
+        """Per op (the order of `OPS`), the magnitude torchvision passes it with a positive and a negative sign."""
         values = op_magnitudes(self.magnitude, self.num_bins, height, width)
         return [(values[name], -values[name] if name in SIGNED else values[name]) for name in OPS]
 
@@ -266,18 +211,16 @@ class BatchRandAugment:
 class BatchColorJitter:
     """`v2.ColorJitter(brightness, contrast, saturation)` on a batch of uint8-valued float images: per image,
     factors uniform in [max(0, 1 - x), 1 + x] and the three adjustments in a random order (torchvision permutes them
-    per call). A strength of 0 leaves its adjustment out (its factor is 1, an exact no-op)."""
-
-    NAMES = ("brightness", "contrast", "saturation")  # torchvision's `fn_idx` ids 0, 1, 2
+    per call). A strength of 0 leaves its adjustment out (its factor is 1, an exact no-op). Strengths are >= 0
+    (`Augmentation` checks them)."""
 
     def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0) -> None:
-        strengths = (brightness, contrast, saturation)
-        if min(strengths) < 0:
-            raise ValueError(f"ColorJitter strengths must be >= 0, got {strengths}")
-        self.ranges = tuple((max(0.0, 1.0 - x), 1.0 + x) if x > 0 else (1.0, 1.0) for x in strengths)
+        self.ranges = tuple((max(0.0, 1.0 - x), 1.0 + x) if x > 0 else (1.0, 1.0)
+                            for x in (brightness, contrast, saturation))
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors (n, 3), in the order of `NAMES`, and each image's order of the adjustments (n, 3), their ids."""
+        """Factors (n, 3) of brightness, contrast and saturation, and each image's order of the adjustments (n, 3):
+        their ids 0, 1, 2 (torchvision's `fn_idx`)."""
         device = generator.device
         draw = torch.rand((n, 3), generator=generator, device=device)
         factors = torch.stack([draw[:, i] * (high - low) + low for i, (low, high) in enumerate(self.ranges)], dim=1)
@@ -298,5 +241,6 @@ class BatchColorJitter:
             # the luma, its mean or 0 per image: exact, as each image has one nonzero term
             other = torch.addcmul(gray.mean(dim=(-3, -2, -1), keepdim=True).mul_(step == 1), gray, step == 2)
             factor = factors.gather(1, step.view(-1, 1)).squeeze(1)
-            blend(images, other, factor, one_minus(factor), out=images)
+            # 1 - factor as torchvision computes it from a Python float factor: in float64, then to float32
+            blend(images, other, factor, (1.0 - factor.double()).float(), out=images)
         return images

@@ -29,7 +29,8 @@ CIFAR100_CLASSES = (
     "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
     "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm").split()
 
-
+# file names, keys and checksums of the released archives
+RELEASES: dict[str, type[CIFAR10]] = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 # what a CIFAR pickle may name: numpy arrays and their dtypes, and the bytes of Python 3 pickles; nothing that runs
 SAFE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "ndarray"),
@@ -54,19 +55,10 @@ def read_pickle(path: str) -> dict:
     return entry
 
 
-def _release(dataset: str) -> type[CIFAR10]:
-    return {"cifar10": CIFAR10, "cifar100": CIFAR100}[dataset]  # file names, keys and checksums of the archives
-
-
-def _files(dataset: str, train: bool) -> list[tuple[str, str]]:
-    release = _release(dataset)
-    return release.train_list if train else release.test_list
-
-
 def _label_names(root: str, dataset: str, verify_checksums: bool | None = None) -> list[str]:
     """The class names in the files' meta entry. Before set-up (`verify_checksums` None) the released archives'
     names stand in for a file that is missing or does not read; at set-up such a file is an error naming it."""
-    release = _release(dataset)
+    release = RELEASES[dataset]
     path = os.path.join(root, release.base_folder, release.meta["filename"])
     try:
         if verify_checksums and not check_integrity(path, release.meta["md5"]):
@@ -138,10 +130,10 @@ class CIFARDataModule(ImageDataModule):
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The split's uint8 images (N, 3, 32, 32) and labels; with verify_checksums, each file's md5 is checked
         before it is read."""
-        release = _release(self.dataset)
+        release = RELEASES[self.dataset]
         folder = os.path.join(self.root, release.base_folder)
         data, labels = [], []
-        for name, md5 in _files(self.dataset, train):
+        for name, md5 in release.train_list if train else release.test_list:
             path = os.path.join(folder, name)
             try:
                 if self.verify_checksums and not check_integrity(path, md5):
@@ -158,10 +150,10 @@ class CIFARDataModule(ImageDataModule):
         return torch.from_numpy(np.concatenate(data)), torch.tensor(labels)
 
     def prepare_data(self) -> None:
-        release = _release(self.dataset)
+        release = RELEASES[self.dataset]
         folder = os.path.join(self.root, release.base_folder)
         complete = all(check_integrity(os.path.join(folder, name), md5)
-                       for name, md5 in _files(self.dataset, True) + _files(self.dataset, False))
+                       for name, md5 in release.train_list + release.test_list)
         if self.download and not complete:  # once per node, before the ranks read the files
             download_and_extract_archive(release.url, self.root, filename=release.filename, md5=release.tgz_md5)
 

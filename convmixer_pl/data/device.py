@@ -1,15 +1,14 @@
 """A device-resident image pipeline: a whole split held where the model runs, augmented in batches there.
 
-The uint8 images (N, C, H, W) are copied to the device once; each batch is gathered by index and
-random-resized-cropped, flipped, RandAugment-ed, colour-jittered, normalised and randomly erased with batched tensor
-operations, so no per-image Python work and no host-to-device copies remain in the training loop. The random
-parameters follow torchvision's `v2.RandomResizedCrop`, `v2.RandomHorizontalFlip` and `v2.RandomErasing` draw for
-draw (ten tries, the same fallbacks), and `v2.RandAugment` and `v2.ColorJitter` in law (`batched_ops`: per image,
-the same ops, magnitudes and factors, computed value for value as torchvision's uint8 kernels compute them), so the
-CPU and device pipelines share their augmentation semantics. One difference: crops are resized with bilinear
-sampling without antialiasing, which equals torchvision's output when a crop is enlarged (always the case for CIFAR
-at its own size) and is slightly sharper when a crop is shrunk; rounded to uint8 values for RandAugment and
-ColorJitter, it is at most one level from torchvision's uint8 crop, which resamples in fixed point.
+The uint8 images (N, C, H, W) are copied to the device once; each batch is gathered by index, then cropped, flipped,
+RandAugment-ed, colour-jittered, normalised and erased with batched tensor operations: no per-image Python work and
+no host-to-device copies in the training loop. The random parameters follow torchvision's v2 `RandomResizedCrop`,
+`RandomHorizontalFlip` and `RandomErasing` draw for draw (ten tries, the same fallbacks), and `RandAugment` and
+`ColorJitter` in law (`batched_ops`: per image, the same ops, magnitudes and factors, computed value for value as
+torchvision's uint8 kernels compute them). One difference: crops are resized bilinearly without antialiasing, which
+equals torchvision's output when a crop is enlarged (always for CIFAR at its own size) and is slightly sharper when
+one is shrunk; rounded to uint8 for RandAugment and ColorJitter, it is at most one level from torchvision's uint8
+crop, which resamples in fixed point.
 """
 
 from __future__ import annotations
@@ -38,11 +37,6 @@ def _randint_below(upper: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return (draw * upper).floor().long().clamp_max(upper - 1)
 
 
-def _first_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the first True along the last dim (the first successful try), and whether any was True."""
-    return valid.int().argmax(dim=-1), valid.any(dim=-1)
-
-
 def _tries(n: int, area: int, scale: Sequence[float], ratio: Sequence[float], generator: torch.Generator,
            tries: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torchvision's tries at a box, drawn for all images at once: (n, tries) of round(sqrt(target area * aspect))
@@ -55,8 +49,8 @@ def _tries(n: int, area: int, scale: Sequence[float], ratio: Sequence[float], ge
 def _first_fit(valid: torch.Tensor, h: torch.Tensor, w: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image, the sides of the first try that `valid` accepts, and whether there was one."""
-    first, found = _first_valid(valid)
-    return h.gather(1, first[:, None]).squeeze(1), w.gather(1, first[:, None]).squeeze(1), found
+    first = valid.int().argmax(dim=1, keepdim=True)
+    return h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1), valid.any(dim=1)
 
 
 def sample_crops(n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
@@ -110,9 +104,7 @@ def sample_erasing(n: int, height: int, width: int, p: float, scale: Sequence[fl
     erase = apply & found  # no try fitted: the image is left as it is, as in torchvision
     top = _randint_below(height - h + 1, generator)
     left = _randint_below(width - w + 1, generator)
-    zero = torch.zeros_like(h)
-    return torch.stack([torch.where(erase, top, zero), torch.where(erase, left, zero),
-                        torch.where(erase, h, zero), torch.where(erase, w, zero)], dim=1)
+    return torch.stack([top, left, h, w], dim=1) * erase[:, None]
 
 
 def erase(images: torch.Tensor, boxes: torch.Tensor, value: float | None = 0.0,

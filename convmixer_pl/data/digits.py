@@ -41,8 +41,7 @@ class DigitsDataModule(ImageDataModule):
         targets = torch.from_numpy(digits.target).long()
         n = len(targets)
         n_val, n_test = round(n * self.val_fraction), round(n * self.test_fraction)
-        train_idx, val_idx, test_idx = split_indices(n, [n - n_val - n_test, n_val, n_test], self.seed)
         to_float = self.data_config.batch_transform()
-        self.train_set = TensorImageDataset(images[train_idx], targets[train_idx], to_float)
-        self.val_set = TensorImageDataset(images[val_idx], targets[val_idx], to_float)
-        self.test_set = TensorImageDataset(images[test_idx], targets[test_idx], to_float)
+        self.train_set, self.val_set, self.test_set = (
+            TensorImageDataset(images[index], targets[index], to_float)
+            for index in split_indices(n, [n - n_val - n_test, n_val, n_test], self.seed))

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
 from ..console import say
 from ..preprocessing import DataConfig, Interpolation
 from .augment import CROP_AND_FLIP, Augmentation
 from .base import DataError, ImageDataModule, TensorImageDataset, fraction_split
-from .images import decode_all, find_images, is_image_name, read_image, readable, walk_files, warn_left_out
+from .images import decode_all, find_images, is_image_name, read_image, readable, walk_files
 
 SPLITS = ("train", "val", "test")
 Samples = list[tuple[str, int]]  # (path, class index)
@@ -47,29 +48,27 @@ class ImageFolderDataModule(ImageDataModule):
     `fit` needs `train/`, whose sorted class folders are the classes. Validation uses `val/`; without it, a seeded
     `val_fraction` of `train/` held out (CIFARDataModule's meaning), or with `val_fraction: 0` `test/`. `test` and
     `predict` use `test/`; without it `val/` (ImageNet's layout is `train/` + `val/`), else the part of `train/`
-    held out. Every fallback is said in one line; with neither `val/` nor `test/` nor a held-out part there is
-    nothing to evaluate on, which is an error.
+    held out. Every fallback is said in one line; with nothing to evaluate on, it is an error.
 
-    A root without `train/` (only `val/` and/or `test/`) is evaluated with a trained model: `convmixer validate|
-    test|predict --ckpt_path X`, or `model.pretrained`. The classes, their order, the channels and the evaluation
-    preprocessing are then the model's (its checkpoint's); the images of a class folder get the index of the
-    model's class of that name, a folder may hold fewer classes, and a class folder the model does not know is an
-    error. A model without class names (a released ImageNet file) takes the folders' sorted names, all of its
-    classes. Preprocessing the model does not store comes from this module's options.
+    A root without `train/` is evaluated with a trained model (`convmixer validate|test|predict --ckpt_path X`, or
+    `model.pretrained`), whose classes, channels and evaluation preprocessing it takes: a class folder's images get
+    the index of the model's class of that name; a folder may hold fewer classes, but none the model does not know.
+    A model that stores neither (a released ImageNet file) takes the sorted folder names, which must be all its
+    classes, and this module's preprocessing options.
 
     Evaluation resizes to `image_size / crop_pct` with `interpolation` and center-crops. Training augmentation
     (`data.augment.*`) is RandomResizedCrop + flip by default; RandAugment, ColorJitter, RandomErasing and
     MixUp/CutMix switch on with their options (`configs/imagenet_*.yaml` set the paper's values).
 
-    An image is any file PIL can open (`convmixer_pl.data.images`: PNG, JPEG/JFIF, GIF (the first frame of an
-    animation), TIFF, WebP, BMP, ...), of any PIL mode, read as 8-bit RGB. `bad_images: error` stops on a
-    non-image file (at setup) or an unreadable image (when read), naming it; `skip` decodes every file once at setup
-    and leaves the bad ones out with a warning and a count (docs/reliability.md).
+    An image is any file PIL can open (`convmixer_pl.data.images`: PNG, JPEG, GIF (the first frame), TIFF, WebP,
+    BMP, ...), of any mode, read as 8-bit RGB. `bad_images: error` stops on a non-image file (at setup) or an
+    unreadable image (when read), naming it; `skip` decodes every file once at setup and leaves the bad ones out
+    with a warning and a count (docs/reliability.md).
 
     `device_pipeline: true` is CIFARDataModule's device-resident pipeline for folders of small images: each split is
-    decoded once at setup (in threads) into uint8 at `image_size` (evaluation images resized and center-cropped as
-    above, training images to their centre square at `image_size`, from which the batches are cropped), held on
-    the training device (N x 3 x image_size^2 bytes per split) and augmented in batches there.
+    decoded once at setup (in threads) into uint8 at `image_size` (evaluation images resized and center-cropped,
+    training images to their centre square), held on the training device (N x 3 x image_size^2 bytes per split)
+    and augmented in batches there.
     """
 
     def __init__(
@@ -226,10 +225,9 @@ class ImageFolderDataModule(ImageDataModule):
             say(f"no {self.root / split}{zero}: {verb} on {self.root / other} ({len(samples)} images)")
             return samples, str(self.root / other)
         if held_out:
-            held = self._training()[1]
+            kept, held = self._training()
             neither = f" or {self.root / other}" if split == "test" else ""
-            total = len(held) + len(self._training()[0])
-            say(f"no {self.root / split}{neither}: {verb} on {len(held)} of the {total} images of "
+            say(f"no {self.root / split}{neither}: {verb} on {len(held)} of the {len(kept) + len(held)} images of "
                 f"{self.root / 'train'}, held out from training (data.val_fraction {self.val_fraction}, "
                 f"data.seed {self.seed})")
             return held, f"the part of {self.root / 'train'} held out"
@@ -273,12 +271,13 @@ def _drop_unreadable(samples: Samples, others: list[str], folder: Path, names: l
     problems = readable([path for path, _ in samples])
     kept = [sample for sample, problem in zip(samples, problems, strict=True) if problem is None]
     bad = [problem for problem in problems if problem is not None] + [f"not an image: {p}" for p in others]
-    warn_left_out(bad, len(samples) + len(others), folder)
+    if bad:
+        rank_zero_warn(f"data.bad_images skip: left out {len(bad)} of {len(samples) + len(others)} files in {folder} "
+                       f"(first: {bad[0]})")
     empty = sorted({names[target] for _, target in samples} - {names[target] for _, target in kept})
     if empty:
         raise DataError(f"{folder}: no readable image in class folder(s) {', '.join(empty)}")
     return kept
-
 
 
 class ImageFiles(Dataset):

@@ -1,6 +1,6 @@
 """Image files: which files are images (PIL's own registry of formats), reading any of them as 8-bit RGB or grey,
 leaving out the unreadable ones (`data.bad_images: skip`), and decoding a whole folder into memory once
-(`data.gpu_pipeline`)."""
+(`data.device_pipeline`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, ImageFile, ImageOps
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -103,9 +102,6 @@ def read_image(path: str, mode: str = "RGB") -> Image.Image:
                         "data.bad_images: skip leaves unreadable files out)") from err
 
 
-SMALL_IMAGE_PIXELS = 96 * 96  # below: decoded on one thread (`decode_all`)
-
-
 def _threads() -> int:
     return min(32, os.cpu_count() or 1)  # PIL decodes and torch resizes without holding the GIL
 
@@ -127,9 +123,6 @@ def decode_all(paths: list[str], mode: str, transform, where: str) -> torch.Tens
     """Every image read once (in threads) as a uint8 (C, H, W) tensor and `transform`ed to one shape: a uint8
     (N, C, H, W) tensor in the order of `paths`, said in one line. An unreadable file raises its DataError, naming
     it."""
-    def decode(index: int) -> torch.Tensor:
-        return transform(pil_to_tensor(read_image(paths[index], mode)))
-
     first_image = read_image(paths[0], mode)
     first = transform(pil_to_tensor(first_image))
     images = torch.empty((len(paths), *first.shape), dtype=torch.uint8)
@@ -138,17 +131,11 @@ def decode_all(paths: list[str], mode: str, transform, where: str) -> torch.Tens
         f"({images.numel() / 2**20:.0f} MiB)")
 
     def put(index: int) -> None:
-        images[index] = decode(index)
+        images[index] = transform(pil_to_tensor(read_image(paths[index], mode)))
 
-    # small images: PIL's header parsing in Python, which holds the GIL, outweighs the decoding, so threads only
-    # contend (5,000 CIFAR JPEGs: 2.1 s on one thread, 3.1 s on two); larger ones decode outside it
-    threads = 1 if first_image.width * first_image.height < SMALL_IMAGE_PIXELS else _threads()
+    # small images (below 96 x 96): PIL's header parsing in Python, which holds the GIL, outweighs the decoding, so
+    # threads only contend (5,000 CIFAR JPEGs: 2.1 s on one thread, 3.1 s on two); larger ones decode outside it
+    threads = 1 if first_image.width * first_image.height < 96 * 96 else _threads()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(put, range(1, len(paths))))  # list(): re-raises the first error
     return images
-
-
-def warn_left_out(problems: list[str], total: int, where: Path) -> None:
-    if problems:
-        rank_zero_warn(f"data.bad_images skip: left out {len(problems)} of {total} files in {where} "
-                       f"(first: {problems[0]})")

@@ -1,7 +1,6 @@
 """Milliseconds per call of a depthwise convolution's weight gradient on the CPU: oneDNN's (what nn.Conv2d runs) in
-fp32 and bf16, against convmixer_pl.depthwise's compiled kernel fed fp32 and bf16 tensors as it runs it (chunks of
-the batch, ATen's vector width), and fed the whole fp32 batch at once, on channels-last tensors of one ConvMixer
-block's activation shape; median and p25-p75 (`convmixer_pl.benchmark.time_calls`).
+fp32 and bf16, against convmixer_pl.depthwise's compiled kernel fed fp32 and bf16 as it runs it (chunks of the
+batch) and the whole fp32 batch at once, on channels-last activations of one ConvMixer block's shape.
 
     python -m benchmarks.depthwise_weight_grad --batch 64 --dim 256 --size 16 --kernels [3,5,7,9]
 """
@@ -31,8 +30,7 @@ def depthwise_weight_grad(batch: int = 64, dim: int = 256, size: int = 16, kerne
         min_seconds: Least time spent timing each (torch.utils.benchmark's blocked_autorange).
     """
     shape = (batch, dim, size, size)
-    print(f"activations {shape}, channels_last, {cpu_name()}, torch "
-          f"{torch.__version__}; ms per call: median (p25-p75)")
+    print(f"activations {shape}, channels_last, {cpu_name()}, torch {torch.__version__}; ms per call: median (p25-p75)")
     names = ("oneDNN fp32", "oneDNN bf16", "compiled fp32", "compiled bf16", "compiled fp32 whole")
     print(f"{'kernel':>6} " + " ".join(f"{name:>20}" for name in names) + f" {'fp32 rel. diff':>14}")
 

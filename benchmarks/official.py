@@ -1,9 +1,8 @@
 """The official CIFAR-10 script beside `convmixer fit`, in one run, on the same real images (docs/real_cifar10.md).
 
 The official script is `train.py` of a clone of github.com/locuslab/convmixer-cifar10 ($CONVMIXER_OFFICIAL_REPO),
-patched at run time to train on a local folder of JPEG images on the CPU or a GPU; each patch must match exactly,
-so a changed upstream script fails in one line (`PatchError`). The images are the CIFAR-10 JPEG tarball's
-($CONVMIXER_CIFAR10_JPG). For every seed the runners take turns (a slow spell of a shared machine hits both); each
+patched at run time to train on the CIFAR-10 JPEG tarball's images ($CONVMIXER_CIFAR10_JPG) on the CPU or a GPU;
+a changed upstream script fails in one line. The runners take turns for every seed (a slow spell hits both); each
 run's wall time, training images/s and final test accuracy are printed, with their spread over seeds and ratios.
 
     python -m benchmarks.official --tarball cifar10-jpg.tar.gz --official_repo convmixer-cifar10 \\
@@ -42,6 +41,7 @@ from jsonargparse import CLI
 from convmixer_pl.benchmark import cpu_name, run_metrics
 from convmixer_pl.console import run_entry_point
 from convmixer_pl.files import atomic_write
+from convmixer_pl.sweep.trials import fit_command as convmixer_command  # also without the package installed
 
 ENV_REPO, ENV_DATA = "CONVMIXER_OFFICIAL_REPO", "CONVMIXER_CIFAR10_JPG"
 NOT_FOUND = f"no clone of github.com/locuslab/convmixer-cifar10: pass --official_repo DIR or set {ENV_REPO}"
@@ -222,9 +222,8 @@ class Run:
 
     def execute(self, timeout_s: float | None = None, env: dict | None = None, cwd: Path | None = None,
                 grace_s: float = 20, in_process: bool = False) -> Run:
-        """Run the command, stdout and stderr into the log, timed. Past `timeout_s` its process group gets SIGTERM
-        (ours saves and stops; the official script just stops), then SIGKILL `grace_s` later. `in_process`: a
-        `convmixer` command runs in this process instead (no start-up time, no time limit: for tiny runs)."""
+        """Run the command, output into the log, timed; past `timeout_s` its process group gets SIGTERM (ours saves
+        and stops), then SIGKILL `grace_s` later. `in_process`: `convmixer` here (no start-up, no time limit)."""
         Path(self.log).parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(self.log, "w") as out:  # its own group: loader workers are stopped with it
@@ -327,18 +326,12 @@ def run_official(source: str, recipe: Recipe, root: Path, work: Path, device: st
     `time_budget_s` keeps the epochs it finished."""
     work.mkdir(parents=True, exist_ok=True)
     script = work / f"train_patched_{device.replace(':', '_')}.py"
-    with atomic_write(script) as f:
-        f.write(patch_source(source, device))
+    script.write_text(patch_source(source, device))
     command = [sys.executable, str(script), "--data-root", str(root.resolve()), "--seed", str(seed),
                *recipe.official_flags()]
     run = Run("official", seed, command, str(work / f"official_seed{seed}.log"))
     run.execute(time_budget_s, child_env(threads), cwd=work, grace_s=grace_s)
     return run.summarise(parse_epochs(tail(run.log, 100_000)))
-
-
-def convmixer_command(*args: str) -> list[str]:
-    """`convmixer ...` as this interpreter runs it, also where the package is not installed (`convmixer_env`)."""
-    return [sys.executable, "-m", "convmixer_pl.cli", *args]
 
 
 def convmixer_env(threads: int | None = None) -> dict[str, str]:

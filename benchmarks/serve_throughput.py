@@ -1,12 +1,10 @@
 """`convmixer serve` under load: requests/s and p50/p95 latency with 1, 16 and 64 concurrent clients, beside the
-images/s of batched inference on the same images in the same run (decode, resize, crop, normalise, the model and
-the top-k, in batches, in this process); docs/serving.md.
+images/s of batched inference (decoding to top-k) on the same images in this process, in the same run.
 
     python -m benchmarks.serve_throughput --clients [1,16,64] --servers ["--max_batch_size 8","--max_batch_size 32"]
 
-Without --ckpt_path it serves ConvMixer-256/8 (kernel 5, patch 2) for 32 px RGB images, random weights. The uploads
-are random RGB PNGs of 1.25x the model's input, sent as raw bytes by one thread per client over a keep-alive
-connection to a server on a free 127.0.0.1 port, after a warm-up round.
+The uploads are random RGB PNGs of 1.25x the model's input, sent as raw bytes by one thread per client over a
+keep-alive connection to a server on a free 127.0.0.1 port, after a warm-up round (docs/serving.md).
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """`convmixer sweep`: a search over `convmixer fit` options as an Optuna study, resumable, on one machine or many.
 
-Every trial is a `convmixer fit` subprocess with its own folder, `<out_dir>/trials/<number>/` (`trials.py`): a
-crashed trial is marked FAIL and the sweep goes on, a pruned one is stopped with SIGTERM after the epoch the pruner
-judged. The study lives in an Optuna storage (`storage.py`: SQLite in the sweep's folder by default, any database
-URL, or a journal file on a shared file system); several `convmixer sweep` processes on one study share its trials,
-and running the command again continues it. Each running trial records a heartbeat: the trial of a worker that died
-is failed and queued again. A worker stops when the study has its `n_trials` finished (complete or pruned) trials,
-waiting, if it must, for the trials other workers run, then writes the results (`results.py`).
+Every trial is a `convmixer fit` subprocess in `<out_dir>/trials/<number>/` (`trials.py`): a crashed trial is FAIL
+and the sweep goes on, a pruned one gets SIGTERM. The study lives in an Optuna storage (`storage.py`); several
+workers on one study share its trials, running the command again continues it, and a dead worker's trial (no
+heartbeat) is failed and queued again. A worker stops when the study has `n_trials` finished (complete or pruned)
+trials, waiting for those other workers run, then writes the results (`results.py`).
 """
 
 from __future__ import annotations
@@ -19,16 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..console import say
-from .options import (
-    FINISHED,
-    SweepError,
-    check_at_least,
-    first_point,
-    make_plan,
-    make_pruner,
-    make_sampler,
-    parse_space,
-)
+from .options import FINISHED, SweepError, check_at_least, make_plan, make_pruner, make_sampler, parse_space
 from .results import write_results
 from .storage import HeartbeatJournalStorage, check_existing_study, hide_password, open_storage, open_study
 from .trials import StopSignals, TrialFailed, TrialRunner, fit_config
@@ -81,7 +70,7 @@ def sweep(base_config: str, space: dict[str, Any], objective: str = "val/acc1",
             shown = hide_password(storage or str(plan.out_dir / "sweep.db"))
             finished = check_existing_study(opened, shown, plan.study_name, direction, plan.distributions)
             if finished < plan.n_trials:  # trials will run: does `convmixer fit` take the base config and space?
-                fit_config(plan, first_point(plan.distributions), plan.study_name)
+                fit_config(plan, plan.first_point(), plan.study_name)
             study = open_study(opened, shown, plan.study_name, direction,
                                make_sampler(sampler, plan.distributions, seed),
                                make_pruner(pruner, pruner_startup_trials, pruner_warmup_epochs))
@@ -101,8 +90,9 @@ def _work(study: optuna.Study, runner: TrialRunner, n_trials: int, heartbeat_int
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, and queued again
         states = [trial.state for trial in study.get_trials(deepcopy=False)]
         finished, running = sum(s in FINISHED for s in states), states.count(TrialState.RUNNING)
-        if finished >= n_trials or _grid_done(study, states):
-            return
+        grid = study.sampler if isinstance(study.sampler, optuna.samplers.GridSampler) else None
+        if finished >= n_trials or (grid and TrialState.WAITING not in states and grid.is_exhausted(study)):
+            return  # a grid with every combination finished (a crashed one stays FAIL) and none queued again
         if finished + running >= n_trials:
             if not waiting_said:
                 say(f"{finished} of {n_trials} trials finished; waiting for the {running} still running")
@@ -116,11 +106,4 @@ def _work(study: optuna.Study, runner: TrialRunner, n_trials: int, heartbeat_int
         if runner.failures_in_row >= MAX_FAILURES_IN_A_ROW:
             raise SweepError(f"{runner.failures_in_row} trials in a row failed, the last {runner.last_error}; "
                              "fix the cause (its fit.log says more) and run the sweep again")
-
-
-def _grid_done(study: optuna.Study, states: list[TrialState]) -> bool:
-    """A grid whose every combination has finished (a crashed one stays FAIL), with no trial queued again."""
-    sampler = study.sampler
-    return (isinstance(sampler, optuna.samplers.GridSampler) and TrialState.WAITING not in states
-            and sampler.is_exhausted(study))
 

@@ -33,6 +33,11 @@ class Plan:
     out_dir: Path
     fit_args: list[str]
 
+    def first_point(self) -> dict[str, Any]:
+        """One value of each option (first choice, low end), to have `convmixer fit` check the keys and types."""
+        return {key: d.choices[0] if isinstance(d, CategoricalDistribution) else d.low
+                for key, d in self.distributions.items()}
+
 
 def make_plan(base_config: str, space: dict[str, Any], objective: str, direction: str, n_trials: int | None,
               sampler: str, study_name: str | None, out_dir: str | None, fit_args: list[str] | None) -> Plan:
@@ -133,21 +138,12 @@ def _number(value: Any, name: str) -> int | float | None:
     return int(number) if number.is_integer() and "." not in str(value) and "e" not in str(value).lower() else number
 
 
-def first_point(distributions: dict[str, BaseDistribution]) -> dict[str, Any]:
-    """One value of each option (first choice, low end), to have `convmixer fit` check the keys and types."""
-    return {key: d.choices[0] if isinstance(d, CategoricalDistribution) else d.low
-            for key, d in distributions.items()}
-
-
 def suggest(trial: Trial, key: str, distribution: BaseDistribution) -> Any:
     """The sampler's value for one option of this trial."""
     if isinstance(distribution, CategoricalDistribution):
         return trial.suggest_categorical(key, distribution.choices)
-    if isinstance(distribution, IntDistribution):
-        return trial.suggest_int(key, distribution.low, distribution.high, step=distribution.step,
-                                 log=distribution.log)
-    return trial.suggest_float(key, distribution.low, distribution.high, step=distribution.step,
-                               log=distribution.log)
+    suggest_number = trial.suggest_int if isinstance(distribution, IntDistribution) else trial.suggest_float
+    return suggest_number(key, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
 
 
 def make_sampler(name: str, distributions: dict[str, BaseDistribution],

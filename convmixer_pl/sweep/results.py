@@ -45,13 +45,11 @@ def write_results(study: optuna.Study, plan: Plan) -> Path:
 
 
 def _row(trial: FrozenTrial, keys: list[str], retried_as: int | None) -> list[str]:
-    seconds = ((trial.datetime_complete - trial.datetime_start).total_seconds()
-               if trial.datetime_complete and trial.datetime_start else None)
     value = trial.value if trial.state == TrialState.COMPLETE else (  # a pruned trial: its last reported value
         trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
+    seconds = None if trial.duration is None else round(trial.duration.total_seconds(), 1)
     cells = [trial.number, trial.state.name, value, *(trial.params.get(key) for key in keys),
-             trial.user_attrs.get("epochs"), None if seconds is None else round(seconds, 1),
-             trial.user_attrs.get("worker"), trial.user_attrs.get("error")]
+             trial.user_attrs.get("epochs"), seconds, trial.user_attrs.get("worker"), trial.user_attrs.get("error")]
     if trial.state == TrialState.FAIL:
         cells[-1] = cells[-1] or "its worker stopped"  # failed by another worker: its own stopped beating
         cells[-1] += f"; run again as trial {retried_as}" if retried_as is not None else ""
@@ -87,7 +85,7 @@ def write_best_config(best: FrozenTrial, plan: Plan) -> Path:
     return path
 
 
-def draw_pictures(study: optuna.Study, out_dir: Path, objective: str) -> list[Path]:
+def draw_pictures(study: optuna.Study, out_dir: Path, objective: str) -> None:
     """Optuna's own matplotlib pictures: the objective by trial (history.png), against each option (params.png),
     and by epoch for every trial, pruned ones included (curves.png)."""
     import matplotlib
@@ -96,7 +94,6 @@ def draw_pictures(study: optuna.Study, out_dir: Path, objective: str) -> list[Pa
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
-    paths = []
     for file_name, function in PICTURES.items():
         kwargs = {} if function == "plot_intermediate_values" else {"target_name": objective}
         with warnings.catch_warnings():  # one value of an option: matplotlib widens its axis itself, and says so
@@ -112,5 +109,3 @@ def draw_pictures(study: optuna.Study, out_dir: Path, objective: str) -> list[Pa
                 first.figure.savefig(handle, format="png", dpi=100, bbox_inches="tight")
         finally:
             plt.close(first.figure)  # pyplot keeps every figure until told
-        paths.append(out_dir / file_name)
-    return paths

@@ -56,14 +56,13 @@ def open_storage(storage: str | None, out_dir: Path, heartbeat_interval: int) ->
     url = storage or f"sqlite:///{(out_dir / 'sweep.db').resolve()}"
     if storage is None:
         _make_folder(out_dir, "out_dir")
+    journal = Path(url.removeprefix("journal:")) if url.startswith("journal:") or url.endswith(".log") else None
+    if journal:
+        _make_folder(journal.parent, f"storage {url}")
     try:
-        if url.startswith("journal:") or url.endswith(".log"):
-            path = Path(url.removeprefix("journal:"))
-            _make_folder(path.parent, f"storage {url}")
-            return HeartbeatJournalStorage(str(path), heartbeat_interval, retry)
+        if journal:
+            return HeartbeatJournalStorage(str(journal), heartbeat_interval, retry)
         return _open_database(url, heartbeat_interval, retry)
-    except SweepError:
-        raise
     except Exception as err:  # sqlalchemy's and the drivers' errors, a missing driver module, a bad path
         raise SweepError(f"storage {hide_password(url)}: cannot open it ({first_line(err)}); give a URL Optuna "
                          "can reach, e.g. sqlite:///sweep.db, postgresql://user@host/db or journal:/shared/sweep.log"
@@ -71,8 +70,7 @@ def open_storage(storage: str | None, out_dir: Path, heartbeat_interval: int) ->
 
 
 def _open_database(url: str, heartbeat_interval: int, retry: Callable) -> optuna.storages.RDBStorage:
-    """Optuna's database storage. Workers started together on a new database race to create its tables; the
-    loser opens it again and finds them."""
+    """Optuna's database storage; of workers racing to create a new database's tables, the loser opens it again."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait for locks
     for attempt in range(3):  # returns or raises
         try:
@@ -109,9 +107,8 @@ def first_line(err: BaseException) -> str:
 
 def check_existing_study(storage, shown: str, name: str, direction: str,
                          distributions: dict[str, BaseDistribution]) -> int:
-    """The number of finished trials of the study of this name, if there is one. One made to optimise the other
-    way, or with another kind of range for an option, is refused in one line (Optuna would fail every trial of the
-    latter)."""
+    """The number of finished trials of the study of this name, if any. One made to optimise the other way, or with
+    another kind of range for an option (Optuna would fail every trial), is refused in one line."""
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:  # no such study yet
@@ -121,9 +118,8 @@ def check_existing_study(storage, shown: str, name: str, direction: str,
     if study.direction.name.lower() != direction:
         raise SweepError(f"direction {direction}: study {name} in {shown} was made to "
                          f"{study.direction.name.lower()}; keep that, or give a new study_name")
-    earlier: dict[str, BaseDistribution] = {}
-    for trial in study.get_trials(deepcopy=False):
-        earlier.update(trial.distributions)
+    trials = study.get_trials(deepcopy=False)
+    earlier = {key: distribution for trial in trials for key, distribution in trial.distributions.items()}
     for key, distribution in distributions.items():
         try:
             if key in earlier:
@@ -131,7 +127,7 @@ def check_existing_study(storage, shown: str, name: str, direction: str,
         except ValueError as err:
             raise SweepError(f"space.{key}: does not fit the earlier trials of study {name} ({first_line(err)}); "
                              "keep its kind of range, or give a new study_name") from None
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    return sum(trial.state in FINISHED for trial in trials)
 
 
 def open_study(storage, shown: str, name: str, direction: str, sampler, pruner) -> optuna.Study:

@@ -32,9 +32,8 @@ class TrialFailed(Exception):
 
 
 class StopSignals:
-    """SIGTERM (a scheduler's time limit or preemption, scancel) or SIGINT (Ctrl-C), while installed: noted, and
-    acted on by the sweep at its next poll (a handler that raised could be lost in whatever code it interrupts).
-    A second signal gets the handler of before: a second Ctrl-C stops at once."""
+    """SIGTERM (a scheduler's time limit or preemption, scancel) or SIGINT (Ctrl-C), while installed: noted, acted
+    on at the sweep's next poll (a raising handler could be lost where it interrupts); a second Ctrl-C stops at once."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -215,8 +214,7 @@ def _read_run_metrics(folder: Path, before: set[Path]) -> dict[str, list[tuple[i
 
 
 def _queue_again(trial: Trial, why: str) -> None:
-    """Queue a copy of an interrupted trial, as Optuna does for a dead worker's (a grid's combination included),
-    and fail this one."""
+    """Queue a copy of an interrupted trial, as Optuna does for a dead worker's (a grid's too); fail this one."""
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
     optuna.storages.RetryHeartbeatStaleTrialCallback()(trial.study, frozen)
     trial.set_user_attr("error", why)

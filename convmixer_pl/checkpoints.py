@@ -1,10 +1,9 @@
-"""Checkpoint files: finding a run's best or last one, reading and checking one before use, loading the trained
-module from one, and writing them (the run's `ModelCheckpoint` and an atomic writer).
+"""Checkpoint files: finding a run's best or last one, reading and checking one, loading the trained module from
+one, and writing them (the run's `ModelCheckpoint` and an atomic writer).
 
-A run's checkpoints live in one folder (`checkpoint.dirpath`, by default `checkpoints/<name>/`): `epochNNN.ckpt`
-for the best epochs by the monitored metric and `last.ckpt`, rewritten after every epoch and, with
-`checkpoint.last_every_n_steps`, every N optimizer steps. Each file is written beside its target, fsynced and
-renamed over it, so a `kill -9` at any moment leaves the old file or the new one.
+A run's folder (`checkpoint.dirpath`, by default `checkpoints/<name>/`) holds `epochNNN.ckpt` for the best epochs
+and `last.ckpt`, rewritten after every epoch and, with `checkpoint.last_every_n_steps`, every N optimizer steps.
+Each file is written beside its target, fsynced and renamed over it: a `kill -9` leaves the old file or the new.
 """
 
 from __future__ import annotations
@@ -74,9 +73,8 @@ def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, dirpath: Path) -> 
 # -- reading and checking ------------------------------------------------------------------------------------------
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load `path` as Lightning will (weights_only), turning every failure into a one-line CheckpointError.
-
-    Memory-mapped: only the headers are read until a tensor is used."""
+    """Load `path` as Lightning will (weights_only, memory-mapped: only the headers are read until a tensor is used),
+    turning every failure into a one-line CheckpointError."""
     if not Path(path).is_file():
         raise CheckpointError(f"--ckpt_path {path}: no such file; pass a .ckpt written by `convmixer fit`")
     try:
@@ -225,9 +223,8 @@ class RunCheckpoint(ModelCheckpoint):
     """The run's checkpoints: Lightning's `ModelCheckpoint` (best epochs by the monitored metric) whose last.ckpt
     follows every epoch, improved or not, and optionally every N optimizer steps.
 
-    Lightning 2.6 rewrites last.ckpt only when it also writes a top-k file, so after an epoch that does not improve
-    the monitored metric `--ckpt_path last` would resume from the best epoch and redo the later ones. Its own
-    `every_n_train_steps` switches the epoch-end top-k saves off, hence `last_every_n_steps`.
+    (Lightning 2.6 rewrites last.ckpt only with a top-k file, so `--ckpt_path last` would redo the epochs after the
+    best; its `every_n_train_steps` turns the epoch-end top-k saves off, hence `last_every_n_steps`.)
 
     Args:
         last_every_n_steps: also rewrite last.ckpt every this many optimizer steps (never at step 0, once per step
@@ -248,10 +245,9 @@ class RunCheckpoint(ModelCheckpoint):
         return {**super().state_dict(), "log_version": getattr(logger, "version", None)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A run folder that was moved or copied resumes into its own files: the saved paths are taken as names in
-        this folder (Lightning would otherwise drop them and write last-v1.ckpt beside a stale last.ckpt).
-        validate, test and predict write no checkpoint: they need none of this state, nor Lightning's warning that
-        the paths of a checkpoint from another folder are not taken."""
+        """A moved or copied run folder resumes into its own files: the saved paths are taken as names in this folder
+        (Lightning would drop them and write last-v1.ckpt beside a stale last.ckpt). validate, test and predict write
+        no checkpoint, so they skip this state and Lightning's warning that another folder's paths are not taken."""
         if getattr(self, "_trainer", None) is not None and self._trainer.state.fn != "fit":
             return
         saved = state_dict.get("dirpath")

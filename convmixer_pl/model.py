@@ -87,10 +87,8 @@ class ConvMixer(nn.Module):
         if image_size is not None and patch_size > image_size:
             raise ValueError(f"ConvMixer: patch_size {patch_size} is larger than the {image_size}px image; "
                              f"use patch_size <= {image_size}")
-        self.num_classes, self.in_chans, self.act = num_classes, in_chans, act
-        self.num_features = dim
-        self.patch_size = patch_size
-        self.grad_checkpointing = grad_checkpointing
+        self.num_classes, self.in_chans, self.act, self.num_features = num_classes, in_chans, act, dim
+        self.patch_size, self.grad_checkpointing = patch_size, grad_checkpointing
         act_layer = ACTIVATIONS[act]
 
         self.stem = nn.Sequential(

@@ -58,9 +58,7 @@ def use_channels_last(setting: bool | None, device: torch.device, kernel_size: i
     7 on GPUs, and slows kernel-9 models down on GPUs (docs/benchmarks.md)."""
     if setting is not None:
         return setting
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and kernel_size <= 7
+    return device.type == "cpu" or (device.type == "cuda" and kernel_size <= 7)
 
 
 class ConvMixerClassifier(L.LightningModule):
@@ -137,13 +135,11 @@ class ConvMixerClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["tta"])
         self.hparams["data_config"] = config.as_dict() if config else None  # checkpoints hold plain values
         self.tta = tta
-        arch = architecture(variant, dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size,
-                                          act=act, in_chans=in_chans, num_classes=num_classes,
-                                          image_size=image_size, grad_checkpointing=grad_checkpointing,
-                                          fast_depthwise_grad=fast_depthwise_grad), config)
+        convmixer = inspect.signature(ConvMixer)  # ConvMixer's arguments are ours of the same names
+        arch = architecture(variant, {k: v for k, v in locals().items() if k in convmixer.parameters}, config)
         self.model = ConvMixer(**arch)
         # the whole architecture, ConvMixer's defaults included, so every checkpoint states it
-        bound = inspect.signature(ConvMixer).bind(**arch)
+        bound = convmixer.bind(**arch)
         bound.apply_defaults()
         self.hparams.update(bound.arguments)
         self.hparams["fast_depthwise_grad"] = fast_depthwise_grad  # None: a speed choice, not the architecture
@@ -155,12 +151,11 @@ class ConvMixerClassifier(L.LightningModule):
         if pretrained:
             load_pretrained(self.model, pretrained)
         num_classes = self.model.num_classes
-        top_k = min(5, num_classes)
         self.train_loss = MeanMetric()
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
-            for stage in ("val", "test") for name, k in (("acc1", 1), ("acc5", top_k))
+            for stage in ("val", "test") for name, k in (("acc1", 1), ("acc5", min(5, num_classes)))
         })
         # per-sample mean loss, exact across DDP ranks holding different sample counts (Lightning's sync_dist
         # averages the sample count as an integer and rounds it)
@@ -184,10 +179,10 @@ class ConvMixerClassifier(L.LightningModule):
 
     def eval_transform(self):
         """Resize (shorter side), centre-crop and normalise an image as the training data module evaluated."""
-        if self.data_config is None:
+        if (config := self.data_config) is None:
             raise ValueError("the model has no data_config (a checkpoint written before it was stored, or a model "
                              "built without a data module); train it with `convmixer fit`")
-        return self.data_config.eval_transform()
+        return config.eval_transform()
 
     # -- set-up ----------------------------------------------------------------------------------------------------
     @classmethod
@@ -279,8 +274,8 @@ class ConvMixerClassifier(L.LightningModule):
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(strategy, FSDPStrategy):
             # Lightning refuses norm clipping under FSDP; the root FSDP module computes the norm over all shards
             strategy.model.clip_grad_norm_(gradient_clip_val)
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -300,11 +295,10 @@ class ConvMixerClassifier(L.LightningModule):
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if self._schedule is not None and self._schedule[0] != total:  # a longer (or shorter) run resumed
-            step, was = self._schedule[1], lr_factor(hp.scheduler, self._schedule[1], self._schedule[0])
-            say(f"the {hp.scheduler} schedule now spans {total} steps (was {self._schedule[0]}): at the resumed "
-                f"step {step} the learning rate goes from {hp.lr * was:.3g} to "
+            was, step = self._schedule
+            say(f"the {hp.scheduler} schedule now spans {total} steps (was {was}): at the resumed step {step} the "
+                f"learning rate goes from {hp.lr * lr_factor(hp.scheduler, step, was):.3g} to "
                 f"{hp.lr * lr_factor(hp.scheduler, step, total):.3g}")
         self._schedule = (total, 0)
-        factor = partial(lr_factor, hp.scheduler, total=total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, hp.scheduler, total=total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

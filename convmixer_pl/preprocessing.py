@@ -1,9 +1,8 @@
 """The evaluation preprocessing of a model, as one object: `DataConfig`, in timm's `pretrained_cfg` terms.
 
-A data module exposes it (`data_config`), the CLI links it into the model as one argument, the model stores it with
-its weights, and everything after training reads it from there: validate, test, predict, serve and every export.
-Its transform has two explicit halves, because they run in different places:
-
+A data module exposes it (`data_config`), the CLI links it into the model, the model stores it with its weights,
+and validate, test, predict, serve and every export read it from there. Its transform has two halves, which run in
+different places:
 - `image_transform()`, per image: to a uint8 tensor, resize the short side to `image_size / crop_pct`, center-crop
   `image_size` (in loader workers, in the server's HTTP process, or once at set-up for splits held in memory);
 - `batch_transform()`, per batch (or per image): to float in [0, 1], normalise (on the model's device).
@@ -67,9 +66,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | DataConfig | None) -> DataConfig | None:
-        if values is None or isinstance(values, DataConfig):
-            return values
-        return cls(**values)
+        return values if values is None or isinstance(values, DataConfig) else cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain Python values (lists, not tuples): what checkpoints store and JSON holds."""

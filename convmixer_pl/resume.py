@@ -1,17 +1,13 @@
-"""Exact resume, in one place: a run stopped at any step and resumed from its checkpoint trains on the same batches,
-with the same augmentation and random draws, and logs the same epoch means as a run that never stopped.
+"""Exact resume: a run stopped at any step and resumed from its checkpoint trains on the same batches, with the
+same augmentation and random draws, and logs the same epoch means as a run that never stopped.
 
-Lightning's checkpoints hold the weights, optimizer, schedulers, loop counters and callback states. What else
-exact resume needs, and where it comes from here:
-
-- the augmentation of each training image is drawn from a generator seeded by `derive_seed(seed, epoch, index)`
-  (`SeededItems`; the batched on-device pipeline seeds each batch the same way), so it depends on neither the
-  loader worker nor the run that draws it;
-- the position in the epoch (`TrainingPosition`, kept in the data module's checkpoint state): torchdata's
-  `StatefulDistributedSampler` then skips the batches already trained on;
+Beyond what Lightning's checkpoints hold, that needs:
+- each training image's augmentation drawn from a generator seeded by `derive_seed(seed, epoch, index)`
+  (`SeededItems`; the on-device pipeline seeds each batch so), whichever loader worker or run draws it;
+- the position in the epoch (`TrainingPosition`, in the data module's state), from which torchdata's
+  `StatefulDistributedSampler` skips the batches already trained on;
 - every process's random-number states (`ResumeState`, a callback), restored just before the first resumed batch;
 - every process's running sums of the epoch's training metrics (`save_metric_states`, `load_metric_states`).
-
 The data modules and the LightningModule call these; this module imports neither.
 """
 
@@ -79,12 +75,10 @@ def mid_epoch(trainer) -> bool:
 
 
 class TrainingPosition:
-    """The epoch the next training batch belongs to and how many of its batches were trained on, with the
-    settings that make the order (batch size, seed, process count).
-
-    (torchdata's StatefulDataLoader state is tied to the worker count, which it refuses to change on resume,
-    and Lightning hands a loader's state back only to a loader built after the restore; the one-cycle schedule
-    builds it before, through `estimated_stepping_batches`.)"""
+    """The epoch the next training batch belongs to, how many of its batches were trained on, and the settings that
+    make the order (batch size, seed, process count). (Not torchdata's StatefulDataLoader state: it is tied to the
+    worker count, and Lightning restores it only into a loader built after the restore, which the one-cycle
+    schedule's `estimated_stepping_batches` builds before.)"""
 
     def __init__(self) -> None:
         self.loader = None  # the training loader whose sampler holds the position
@@ -135,9 +129,8 @@ def per_process(obj: Any) -> list[Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's python, numpy, torch and (if initialised) CUDA generator states, `torch.load`-safe.
-
-    (Fabric's own collector keeps numpy's state as an array, which `weights_only` loading refuses.)"""
+    """This process's python, numpy, torch and (if initialised) CUDA generator states, `torch.load`-safe (Fabric's
+    own collector keeps numpy's state as an array, which `weights_only` loading refuses)."""
     version, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     state = {"python": random.getstate(), "numpy": (version, key.tolist(), pos, has_gauss, gauss),
              "torch": torch.get_rng_state()}
@@ -176,8 +169,7 @@ class ResumeState(Callback):
         if len(states) != trainer.world_size:
             say(f"the checkpoint comes from {len(states)} processes, this run has {trainer.world_size}: random "
                 "streams restart from rank 0's and the run will not repeat the original exactly")
-        rank = trainer.global_rank
-        set_rng_state(states[rank] if rank < len(states) else states[0])
+        set_rng_state(states[trainer.global_rank] if trainer.global_rank < len(states) else states[0])
 
 
 def save_metric_states(checkpoint: dict[str, Any], trainer, metrics: dict[str, Any]) -> None:

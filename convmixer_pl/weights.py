@@ -1,16 +1,14 @@
 """Released ConvMixer weights: read official or timm files into our model.
 
-Layouts (see `model.py`): *official* is the paper's flat `nn.Sequential` (`0.*` patch conv, `2.*` its BatchNorm,
-`{i+3}.*` block i, `{depth+5}.*` the head); *timm* is `stem.*`, `blocks.{i}.*`, `head.*`, which is also ours.
-Files may hold the bare state dict or wrap it (`state_dict`, `model`, `state_dict_ema`: Lightning, timm and
-training-script checkpoints), with `module.` (DDP), `model.` (our Lightning module) or `_orig_mod.`
-(torch.compile) prefixes. `.safetensors` files need the `safetensors` package.
+Layouts: *official* is the paper's flat `nn.Sequential` (`0.*` patch conv, `2.*` its BatchNorm, `{i+3}.*` block i,
+`{depth+5}.*` the head); *timm* (`stem.*`, `blocks.{i}.*`, `head.*`) is also ours. The state dict may be bare or
+wrapped (`state_dict`, `model`, `state_dict_ema`), its keys prefixed by `module.` (DDP), `model.` (our Lightning
+module) or `_orig_mod.` (torch.compile). `.safetensors` files need the `safetensors` package.
 
-A *timm / Hugging Face folder* (`convmixer export --format hf`, or a timm hub repo's files) holds `config.json` and
-`model.safetensors` (or `pytorch_model.bin`). `model.pretrained` may name the folder, its config.json or its
-weights file; the architecture in config.json must be the model's (activation included: weights cannot show it).
-The paper's variants are named by timm's registered names alone; other sizes are spelled out in `model_args` for
-timm's `ConvMixer` class (`timm_architecture`).
+A *timm / Hugging Face folder* (`convmixer export --format hf`, a timm hub repo) holds `config.json` and
+`model.safetensors` (or `pytorch_model.bin`); `model.pretrained` may name the folder or either file, and the
+config's architecture must be the model's (activation included: weights cannot show it). The paper's variants go
+by timm's registered names; other sizes are spelled out in `model_args` (`timm_architecture`).
 """
 
 from __future__ import annotations
@@ -134,20 +132,17 @@ def trunk(arch: Mapping) -> dict:
 
 
 def timm_architecture(arch: Mapping) -> tuple[str, dict]:
-    """timm's name for an architecture and the model_args (beyond in_chans and num_classes) that rebuild it.
-
-    A paper variant is its registered name alone: `timm.create_model` builds it. Any other size is named like the
-    release files (`convmixer_16_2_ks3_p2`, `..._relu`) and spelled out for timm's `ConvMixer` class; `act_layer`
-    is a timm activation name (`timm.layers.get_act_layer`), left out for GELU, the class's default."""
-    shape = trunk(arch)
-    name = next((name for name in TIMM_VARIANTS if trunk(VARIANTS[name]) == shape), None)
-    if name is not None:
+    """timm's name for an architecture and the model_args (beyond in_chans and num_classes) that rebuild it: a paper
+    variant is its registered name alone (`timm.create_model` builds it); any other size is named like the release
+    files (`convmixer_16_2_ks3_p2`, `..._relu`) and spelled out for timm's `ConvMixer` class, `act_layer` being a
+    timm activation name (`timm.layers.get_act_layer`), left out for GELU, the class's default."""
+    args = trunk(arch)
+    if name := next((name for name in TIMM_VARIANTS if trunk(VARIANTS[name]) == args), None):
         return name, {}
-    args = {key: shape[key] for key in ("dim", "depth", "kernel_size", "patch_size")}
-    if shape["act"] != "gelu":
-        args["act_layer"] = shape["act"]
-    name = "convmixer_{dim}_{depth}_ks{kernel_size}_p{patch_size}".format(**shape)
-    return name + ("" if shape["act"] == "gelu" else f"_{shape['act']}"), args
+    name = "convmixer_{dim}_{depth}_ks{kernel_size}_p{patch_size}".format(**args)
+    if (act := args.pop("act")) != "gelu":
+        args["act_layer"], name = act, f"{name}_{act}"
+    return name, args
 
 
 def config_trunk(config: Mapping, source: str) -> dict:
@@ -219,12 +214,11 @@ def load_pretrained(model: ConvMixer, path: str | Path) -> None:
     its config.json), load it, and say in one line what changed. A head for another class count is left out (the
     model keeps its freshly initialised head); anything else that does not fit is an error."""
     path = Path(path)
-    folder = hf_folder(path)
-    if path.is_dir() and folder is None:
+    if folder := hf_folder(path):
+        path = read_hf_folder(folder, path, model)
+    elif path.is_dir():
         raise WeightsError(f"model.pretrained {path} is a folder without {HF_CONFIG}; name a weights file, or a "
                            "folder written by `convmixer export --format hf`")
-    if folder is not None:
-        path = read_hf_folder(folder, path, model)
     state = read_file(path)
     file_head, own_head = state.get("head.weight"), model.head.weight
     # a headless file (timm's num_classes=0) or one for another class count: keep our new head

@@ -1,4 +1,4 @@
-"""Callbacks of a `convmixer` run, one job each. A new callback goes in a file of its own here.
+"""Callbacks of a `convmixer` run, one job and one file each.
 
 - `guards.StopGuard`: SIGTERM/SIGINT save `last.ckpt` and stop; a non-finite loss or weights stop the run.
 - `throughput.ThroughputCallback`: training images/s in the logs.
@@ -6,9 +6,8 @@
 - `plots.PlotWriter`: pictures after fit.
 - `report.PerClassReport`: per-class precision, recall, F1, support and the confusion matrix after test.
 
-The run's checkpoint callback (`RunCheckpoint`) lives with the rest of the checkpoint code in
-`convmixer_pl.checkpoints`, and the random-number states of exact resume (`ResumeState`) with the rest of exact
-resume in `convmixer_pl.resume`.
+The run's checkpoint callback (`RunCheckpoint`) lives in `convmixer_pl.checkpoints`, and `ResumeState` (the
+random-number states of exact resume) in `convmixer_pl.resume`, each with the rest of its code.
 """
 
 from .guards import StopGuard, TrainingStopped

@@ -131,9 +131,8 @@ class StopGuard(Callback):
         bad, self._signalled = _on_any_rank(trainer, not bool(torch.isfinite(loss.detach()).all()),
                                             self._signal is not None)
         if bad:
-            value = loss.detach().float().cpu().item()
             raise NonFiniteLoss(
-                f"error: the training loss is {value} at step {trainer.global_step + 1} (epoch "
+                f"error: the training loss is {loss.item()} at step {trainer.global_step + 1} (epoch "
                 f"{trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx}); training stopped before "
                 f"that update and {_kept(trainer, 'had been')}. Set trainer.gradient_clip_val and resume with "
                 "--ckpt_path last, or start again with a lower model.lr")

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..console import say
 from ..files import atomic_write
+from ..resume import per_process
 
 
 def top_classes(probs: torch.Tensor, names: list[str], k: int) -> list[list[dict]]:
@@ -46,11 +47,7 @@ class PredictionWriter(BasePredictionWriter):
         indices = [i for batch in (batch_indices[0] if batch_indices else []) for i in batch]
         if len(indices) != len(probs):  # a loader without Lightning's index tracking: only one process runs it
             indices = list(range(len(probs)))
-        local = list(zip(indices, top_classes(probs, pl_module.class_names, self.top_k), strict=True))
-        parts = [local]
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts = [None] * trainer.world_size
-            torch.distributed.all_gather_object(parts, local)
+        parts = per_process(list(zip(indices, top_classes(probs, pl_module.class_names, self.top_k), strict=True)))
         if trainer.is_global_zero:
             dataset = trainer.predict_dataloaders.dataset if isinstance(trainer.predict_dataloaders, DataLoader) \
                 else trainer.predict_dataloaders[0].dataset

@@ -20,9 +20,8 @@ class ThroughputCallback(L.Callback):
 
     def __init__(self) -> None:
         self._start: float | None = None
-        self._paused = 0.0
-        self._images = 0
         self._val_start: float | None = None
+        self._paused, self._images = 0.0, 0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start, self._paused, self._images = None, 0.0, 0

@@ -1,20 +1,16 @@
 """Speed choices measured on the machine that runs them: precision, channels_last and the depthwise path on the CPU;
 channels_last and torch.compile on GPUs.
 
-What is fastest depends on the machine: bf16 autocast runs at twice fp32's speed on a CPU with native bf16
-(AVX512-BF16, AMX) and at a tenth of it without (emulated); channels_last and torch.compile go opposite ways for
-kernels 7 and 9 on GPUs. So the first time a model shape meets a device, `choose_speed` times a few training steps
-of each candidate on synthetic data:
-
-- candidates that would run the same code are measured once (`_runs_as`); bf16 is a CPU candidate only where native;
-- one warm-up step each, then rounds of one step per candidate in a rotating order, so that a burst of load slows a
-  round's candidates alike; a candidate's speed is the median over rounds of the reference's step time over its
-  own; clearly slower ones drop out after two rounds; rounds stop after `budget_s` (at least `MIN_ROUNDS`);
-- fp32 is kept unless a reduced precision is `PRECISION_MARGIN` faster, and the default layout unless another is
-  `TIE_MARGIN` faster, so that noise does not flip the choice;
-- where other processes kept the CPUs busy meanwhile (/proc/stat), the default stays unless another choice measured
-  `BUSY_MARGIN` times as fast, and nothing is cached; otherwise the choice is cached (`cache_file`) by device, shape
-  and torch version. Either way it is said in one line.
+What is fastest depends on the machine: bf16 autocast runs at twice fp32's speed on a CPU with native bf16 (AVX512-BF16,
+AMX) and at a tenth of it without (emulated); channels_last and torch.compile go opposite ways for kernels 7 and 9 on
+GPUs. So the first time a model shape meets a device, `choose_speed` times a few training steps on synthetic data of
+each candidate that runs distinct code (`candidates`; bf16 on a CPU only where native): one warm-up step each, then
+rounds of one step each in a rotating order, so that a burst of load slows a round's candidates alike. A candidate's
+speed is the median over rounds of the reference's step time over its own; clearly slower ones drop out after two
+rounds; rounds stop after `budget_s`. `pick` keeps fp32 and the default layout unless another choice is clearly faster,
+so that noise does not flip the choice. Where other processes kept the CPUs busy meanwhile (/proc/stat), only a
+`BUSY_MARGIN` lead counts and nothing is cached; otherwise the choice is cached (`cache_file`) by device, shape and
+torch version. Either way it is said in one line.
 
 A knob set explicitly (precision, channels_last, fast_depthwise_grad, compile) is kept; the rest are measured with it.
 """

@@ -125,8 +125,7 @@ def _measure_all(runners: list[str], phases: list[str], ckpt_settings: list[bool
                  device: torch.device, steps: int, warmup: int, rounds: int) -> tuple[dict, dict]:
     """Figures and peak memory (MiB) of every (runner, checkpointing, phase), one per round, the runners taking
     turns; inference never checkpoints, so it runs once."""
-    plan = [(runner, ckpt, phase) for runner in runners for ckpt in ([False] if runner == "official" else
-                                                                      ckpt_settings)
+    plan = [(runner, ckpt, phase) for runner in runners for ckpt in ([False] if runner == "official" else ckpt_settings)
             for phase in phases if not (phase == "infer" and ckpt and len(ckpt_settings) > 1)]
     figures: dict[tuple, list[Figure]] = {key: [] for key in plan}
     peaks: dict[tuple, list[float]] = {key: [] for key in plan}

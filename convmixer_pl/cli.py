@@ -62,13 +62,7 @@ from .speed import (
 )
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-TOOLS = {  # convmixer <tool>: the module and its command function (whose parameters are the tool's options)
-    "export": ("convmixer_pl.export", "export"),
-    "serve": ("convmixer_pl.serve", "serve"),
-    "plots": ("convmixer_pl.plots", "plots"),
-    "benchmark": ("convmixer_pl.benchmark", "benchmark"),
-    "sweep": ("convmixer_pl.sweep", "sweep"),
-}
+TOOLS = ("export", "serve", "plots", "benchmark", "sweep")  # convmixer <tool>: convmixer_pl.<tool>.<tool>()
 
 
 class ToolFinished(Exception):
@@ -76,8 +70,8 @@ class ToolFinished(Exception):
 
 
 def tool_function(name: str):
-    module, function = TOOLS[name]
-    return getattr(importlib.import_module(module), function)
+    """The command function of `convmixer <name>`: its parameters are the tool's options."""
+    return getattr(importlib.import_module(f"convmixer_pl.{name}"), name)
 
 
 class CLIError(ValueError):
@@ -237,7 +231,7 @@ class ConvMixerParser(LightningArgumentParser):
 
 
 class ConvMixerCLI(LightningCLI):
-    def __init__(self, args=None, run: bool = True) -> None:
+    def __init__(self, args=None) -> None:
         self._checkpoint: tuple[str, dict] | None = None  # the --ckpt_path file, read once to check it
         argv = sys.argv[1:] if args is None else args
         # the tools' options are built (their modules imported) only when a tool or the overview is asked for
@@ -257,7 +251,6 @@ class ConvMixerCLI(LightningCLI):
             # AdamW + one-cycle are the module's (configure_optimizers); no --optimizer/--lr_scheduler to replace them
             auto_configure_optimizers=False,
             args=args,
-            run=run,
         )
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
@@ -304,8 +297,7 @@ class ConvMixerCLI(LightningCLI):
         parser.link_arguments("data.data_config", "model.data_config", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        argv = sys.argv[1:] if args is None else args
-        self.config = parser.parse_object(argv) if isinstance(argv, dict) else parser.parse_args(argv)
+        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
         subcommand = self.config.get("subcommand")
         if subcommand in TOOLS:
             self._run_tool(subcommand)
@@ -333,8 +325,7 @@ class ConvMixerCLI(LightningCLI):
 
     @staticmethod
     def _claim_run_folder(config) -> None:
-        """One run per folder: a new fit where a run is stops (or, with --overwrite, deletes its checkpoints); a
-        resumed run that already reached trainer.max_epochs/max_steps has nothing left to do."""
+        """One run per folder: a new fit where a run is stops (or, with --overwrite, deletes its checkpoints)."""
         folder = Path(config.checkpoint.dirpath)
         lock_run_folder(folder)
         existing = sorted(folder.glob("*.ckpt"))
@@ -357,25 +348,21 @@ class ConvMixerCLI(LightningCLI):
         raise ToolFinished
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's: the checkpoint's hyper-parameters (the architecture and data config it was trained with)
-        applied to the model's config; read through `read_checkpoint` (memory-mapped, checked, older checkpoints'
-        hyper-parameters upgraded), once."""
+        """Lightning's: the model's config takes the checkpoint's hyper-parameters (architecture, data config), read
+        once through `read_checkpoint` (memory-mapped, checked, older checkpoints upgraded)."""
         if self._checkpoint is None:
             return
-        hparams = dict(self._checkpoint[1].get("hyper_parameters") or {})
         # the classes, channels and size come with its data config, or the data module's: check_compatible then
         # names a mismatch with the checkpoint
-        for key in ("_instantiator", "num_classes", "in_chans", "image_size"):
-            hparams.pop(key, None)
+        hparams = {key: value for key, value in (self._checkpoint[1].get("hyper_parameters") or {}).items()
+                   if key not in ("_instantiator", "num_classes", "in_chans", "image_size")}
         if hparams:
-            subcommand = self.config.subcommand
-            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     def _check_checkpoint_and_folders(self, subcommand: str, config) -> None:
         """Refuse, in one line, a --ckpt_path that is not a usable checkpoint and a folder that cannot be written."""
         if config.ckpt_path is not None:  # before Lightning reads it (right after this method)
-            known = self._checkpoint
-            checkpoint = known[1] if known and known[0] == config.ckpt_path else read_checkpoint(config.ckpt_path)
+            checkpoint = read_checkpoint(config.ckpt_path)
             if subcommand == "fit":
                 check_resumable(config.ckpt_path, checkpoint)
                 check_unfinished(config.ckpt_path, checkpoint, config.trainer)
@@ -410,8 +397,7 @@ class ConvMixerCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """Default TensorBoard + CSV loggers, a learning-rate monitor, a model summary down to the blocks and the
-        atomic checkpoint writer; a logger, summary, monitor or plugin set in the config or on the command line
-        wins."""
+        atomic checkpoint writer; a logger, summary, monitor or plugin that the config or command line sets wins."""
         trainer = self._get(self.config_init, "trainer", default={})
         callbacks = list(trainer.get("callbacks") or [])
         if trainer.get("logger") in (None, True):
@@ -525,10 +511,9 @@ def _run_cli(args) -> None:
 
 
 def quiet_known_noise() -> None:
-    """Leave out what Lightning and torch print that a user of this command cannot act on: the tips to install
-    Lightning's cloud services, a deprecation inside Lightning's own code, its warning that a config without
-    seed_everything seeds 0 (its "Seed set to 0" stays), and torch's note, when it compiles the CPU depthwise kernel
-    on a machine with CUDA's headers but no GPU, that there is no CUDA runtime."""
+    """Leave out what a user cannot act on: Lightning's tips for its cloud services, a deprecation inside its own
+    code and its warning that no seed_everything seeds 0 ("Seed set to 0" stays), and torch's "No CUDA runtime" note
+    when it compiles the CPU depthwise kernel on a machine with CUDA's headers but no GPU."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.getMessage()).startswith("💡 Tip:"))
     logging.getLogger("torch.utils.cpp_extension").addFilter(

@@ -1,8 +1,6 @@
-"""What a person reads: `convmixer: ...` notes and the one-line errors and exit codes of every entry point.
-
-Notes come from the job's first process only (Lightning's `rank_zero_only`). An entry point runs through
-`run_entry_point`: a bad input (a `ValueError` the project raises, or Lightning's `MisconfigurationException`)
-ends in one line `convmixer[ tool]: error: <message>` and exit code 2; `CONVMIXER_DEBUG=1` shows the traceback.
+"""What a person reads: `convmixer: ...` notes (from the job's first process) and the one-line errors of every
+entry point: a bad input (a project `ValueError`, or Lightning's `MisconfigurationException`) ends in
+`convmixer[ tool]: error: <message>` and exit code 2; `CONVMIXER_DEBUG=1` shows the traceback.
 """
 
 from __future__ import annotations
@@ -10,12 +8,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
-
-T = TypeVar("T")
 
 
 @rank_zero_only
@@ -29,11 +25,8 @@ def debugging() -> bool:
 
 
 def one_line(err: BaseException) -> str:
-    """The message of the project's own error behind `err`, on one line.
-
-    jsonargparse wraps errors raised while building the model or data module, and a DataLoader worker re-raises
-    with the worker's traceback in the message; the user needs the original sentence.
-    """
+    """The message of the project's own error behind `err`, on one line: jsonargparse wraps errors raised while
+    building the model or data module, and a DataLoader worker re-raises with its traceback in the message."""
     chain: list[BaseException] = []
     while err is not None and len(chain) < 20:
         chain.append(err)
@@ -54,7 +47,7 @@ def fail(message: str, prog: str = "convmixer") -> None:
     sys.exit(2)
 
 
-def run_entry_point(main: Callable[[], T], prog: str = "convmixer") -> T:
+def run_entry_point(main: Callable[[], Any], prog: str = "convmixer") -> Any:
     """`main()`, with bad input turned into one error line and exit code 2 (unless CONVMIXER_DEBUG is set)."""
     try:
         return main()

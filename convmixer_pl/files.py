@@ -26,13 +26,12 @@ class OutputError(ValueError):
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
-    """Where `atomic_write` stages `path` in this process: hidden, beside it, on the same file system."""
+    """Where this process stages `path`: hidden, beside it, on the same file system."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
 def _reason(path: Path, err: OSError) -> str:
-    """One line: what is wrong with writing `path`, and what to do about it."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return (f"cannot write {path}: no space left on its device ({err.strerror}); free some space or write "
                 "it elsewhere (any previous file there is unchanged)")
@@ -45,12 +44,8 @@ def _reason(path: Path, err: OSError) -> str:
 
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
-    """Open a temporary file for writing `path` (text with mode "w", bytes with "wb"), moved into place on success.
-
-    `open_kwargs` go to `open` (newline, encoding, ...). Missing parent folders are created. If the block raises,
-    the temporary file is removed and `path` is left as it was; errors of the file system (a folder in the way, no
-    permission, a full disk) become one-line `OutputError`s.
-    """
+    """A temporary file (mode "w" or "wb", `open_kwargs` for `open`) moved onto `path` when the block ends without
+    error, parent folders created; else removed, `path` left as it was. File system errors are `OutputError`s."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
     path = Path(path)
@@ -80,13 +75,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     finally:
         with contextlib.suppress(OSError):  # already gone, or its folder went away: nothing of ours is left
             tmp.unlink(missing_ok=True)
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable (a no-op where folders cannot be opened, as on Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
+    with contextlib.suppress(OSError):  # the rename made durable (where folders can be opened: not on Windows)
+        fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:

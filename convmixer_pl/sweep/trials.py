@@ -163,7 +163,9 @@ class TrialRunner:
         try:
             while True:
                 code = child.poll()  # before reading: after the child's exit, the read is complete
-                for epoch, value in _new_values(folder, before, self.plan.objective, values):
+                logged = _read_run_metrics(folder, before).get(self.plan.objective, [])
+                for epoch, value in [(epoch, value) for epoch, value in logged if epoch not in values]:
+                    values[epoch] = value
                     trial.report(value, epoch)
                     if trial.should_prune():  # epochs read after this one in the same poll do not count
                         self._prune(trial, child, epoch, value, sum(e <= epoch for e in values))
@@ -186,14 +188,6 @@ class TrialRunner:
         trial.set_user_attr("epochs", epochs)
         say(f"trial {trial.number} pruned after {epochs} epochs: {self.plan.objective} {shown(value)}")
         raise optuna.TrialPruned(f"epoch {epoch}: {self.plan.objective} {value}")
-
-
-def _new_values(folder: Path, before: set[Path], objective: str, seen: dict[int, float]) -> list[tuple[int, float]]:
-    """The objective's values of epochs not seen yet (and records them in `seen`)."""
-    new = [(epoch, value) for epoch, value in _read_run_metrics(folder, before).get(objective, [])
-           if epoch not in seen]
-    seen.update(new)
-    return new
 
 
 def _logged(folder: Path) -> str:

@@ -326,7 +326,8 @@ def run_official(source: str, recipe: Recipe, root: Path, work: Path, device: st
     `time_budget_s` keeps the epochs it finished."""
     work.mkdir(parents=True, exist_ok=True)
     script = work / f"train_patched_{device.replace(':', '_')}.py"
-    script.write_text(patch_source(source, device))
+    with atomic_write(script) as f:
+        f.write(patch_source(source, device))
     command = [sys.executable, str(script), "--data-root", str(root.resolve()), "--seed", str(seed),
                *recipe.official_flags()]
     run = Run("official", seed, command, str(work / f"official_seed{seed}.log"))

@@ -1,11 +1,8 @@
-"""Data: one data module per kind of data set, each in a file of its own; a new data module goes here too.
-
-- `base`: what every data module shares (loaders, samplers, MixUp/CutMix, the resumable training position).
-- `augment`: augmentation options (`Augmentation`) and the per-image pipelines.
-- `device`: splits held on the training device (CIFAR, small-image folders), augmented there in batches;
-  `batched_ops`: RandAugment and ColorJitter for whole batches.
-- `images`: which files are images, and reading them.
-- `digits` (offline default), `cifar` (CIFAR-10/100), `folders` (image folders, and folders to predict).
+"""Data modules, one file per kind of data set (a new one goes here too): `digits` (the offline default), `cifar`
+(CIFAR-10/100), `folders` (image folders, and folders to predict). `base`: what they share (loaders, samplers,
+MixUp/CutMix, the resumable training position); `augment`: augmentation options and per-image pipelines; `device`:
+splits held on the training device and augmented there in batches (`batched_ops`: RandAugment and ColorJitter for
+whole batches); `images`: which files are images, and reading them.
 """
 
 from ..preprocessing import DataConfig, DataError

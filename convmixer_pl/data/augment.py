@@ -1,10 +1,9 @@
 """Image pipelines of the paper's recipes, built from torchvision.transforms.v2, and their options.
 
 Training, per image: RandomResizedCrop -> horizontal flip -> RandAugment -> ColorJitter -> float + normalize ->
-RandomErasing (the order of the CIFAR-10 script and of timm's ImageNet pipeline). Per batch, after the transfer to
-the device: MixUp or CutMix (`Augmentation.batch_mixer`). Evaluation is the data config's
-(`convmixer_pl.preprocessing.DataConfig`). `Augmentation` holds every training option once; each data module has its
-own defaults (`data.augment.*` keys).
+RandomErasing (the order of the CIFAR-10 script and of timm's ImageNet pipeline); per batch, on the device: MixUp or
+CutMix (`Augmentation.batch_mixer`). Evaluation is the data config's. `Augmentation` holds every training option
+(`data.augment.*`); each data module has its own defaults.
 """
 
 from __future__ import annotations
@@ -22,14 +21,13 @@ class Augmentation:
     """Training augmentation; a step whose strength is 0 is left out.
 
     Args:
-        crop_size: RandomResizedCrop's output size: the training image size; None: `data.image_size`, which
-            evaluation uses. A smaller crop trains faster, and testing at a larger size than the crops suits
-            networks trained on random-resized crops (FixRes, Touvron et al. 2019).
+        crop_size: RandomResizedCrop's output size, the training image size; None: `data.image_size`, which
+            evaluation uses. Smaller crops train faster, and testing above the crop size suits networks trained on
+            random-resized crops (FixRes, Touvron et al. 2019).
         scale: RandomResizedCrop's range of the crop's area, as a fraction of the image's.
         ratio: RandomResizedCrop's range of the crop's aspect ratio.
         hflip: Probability of a horizontal flip.
-        interpolation: Crop resampling; `random` picks bilinear or bicubic per image (timm's
-            `--train-interpolation random`).
+        interpolation: Crop resampling; `random`: bilinear or bicubic per image (timm's `--train-interpolation`).
         ra_num_ops: RandAugment operations per image (0: off).
         ra_magnitude: RandAugment magnitude, out of `ra_magnitude_bins - 1`: torchvision's default of 31 bins is
             what the CIFAR-10 script used; timm's `m9` means 9/10, i.e. `ra_magnitude_bins: 11`.
@@ -115,10 +113,9 @@ class Augmentation:
     def batch_mixer(self, num_classes: int) -> v2.Transform | None:
         """MixUp/CutMix on a whole batch `(images, labels) -> (images, soft labels)`, or None when both are off.
 
-        timm's semantics (the paper's `--mixup 0.5 --cutmix 0.5`): with both on, CutMix is chosen with probability
-        `mix_switch_prob`, else MixUp; either is applied to a batch with probability `mix_prob`. Label smoothing is
-        left to the loss (`F.cross_entropy(..., label_smoothing)` on the mixed one-hot targets gives timm's
-        smoothed mixed targets).
+        timm's semantics (the paper's `--mixup 0.5 --cutmix 0.5`): with both on, CutMix with probability
+        `mix_switch_prob`, else MixUp; either applied with probability `mix_prob`. Label smoothing is left to the
+        loss (`F.cross_entropy(..., label_smoothing)` on mixed one-hot targets gives timm's smoothed ones).
         """
         mixup = v2.MixUp(alpha=self.mixup_alpha, num_classes=num_classes) if self.mixup_alpha > 0 else None
         cutmix = v2.CutMix(alpha=self.cutmix_alpha, num_classes=num_classes) if self.cutmix_alpha > 0 else None

@@ -50,10 +50,9 @@ def ignore_stop_signals(worker_id: int) -> None:
 class ImageDataModule(L.LightningDataModule):
     """Loader settings shared by every data module (each passes its `**loader` options here).
 
-    A data module sets `_data_config` once it knows its data (`data_config` is then what the CLI links into the
-    model), and `augment` for training. One whose splits are `TensorImageDataset`s can set `device_pipeline`: its
-    loaders are then `DeviceLoader`s (`convmixer_pl.data.device`) that hold each split on the training device and
-    augment whole batches there.
+    A data module calls `_set_data_config` once it knows its data, and sets `augment` for training. One whose splits
+    are `TensorImageDataset`s can set `device_pipeline`: its loaders are then `DeviceLoader`s that hold each split on
+    the training device and augment whole batches there.
     """
 
     device_pipeline = False
@@ -149,12 +148,10 @@ class ImageDataModule(L.LightningDataModule):
         return self.position.restore(loader, self.batch_size, self.seed, self._shard()[0])
 
     def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
-        """Under DDP, every validation/test sample exactly once, so metrics equal a one-process evaluation.
-
-        Lightning's default pads the last shard with repeats (359 test images on 2 processes would count one twice).
-        Only for plain DDP: sharded strategies (FSDP, DeepSpeed) gather weights in every forward and need the same
-        batch count on every rank, so they keep Lightning's padded sampler.
-        """
+        """Under DDP, every validation/test sample exactly once, so metrics equal a one-process evaluation (Lightning's
+        default pads the last shard with repeats: 359 test images on 2 processes would count one twice). Only for
+        plain DDP: sharded strategies (FSDP, DeepSpeed) gather weights in every forward and need the same batch count
+        on every rank, so they keep Lightning's padded sampler."""
         trainer = self.trainer
         if (trainer is None or trainer.world_size < 2 or type(trainer.strategy) is not DDPStrategy
                 or len(dataset) < trainer.world_size):
@@ -193,5 +190,4 @@ def split_indices(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
 def fraction_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded (rest, held-out) split of range(n) with round(n * fraction) held out (at least one of each)."""
     held_out = min(n - 1, max(1, round(n * fraction)))
-    rest, held = split_indices(n, [n - held_out, held_out], seed)
-    return rest, held
+    return tuple(split_indices(n, [n - held_out, held_out], seed))

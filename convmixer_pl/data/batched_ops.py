@@ -26,13 +26,6 @@ OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Br
 SIGNED = frozenset(OPS[1:10])  # the ops whose magnitude gets a random sign
 
 
-def op_magnitudes(magnitude: int, num_bins: int, height: int, width: int) -> dict[str, float]:
-    """The magnitude torchvision's RandAugment gives each op at `magnitude` of `num_bins` bins, before the sign: the
-    value of its `_AUGMENTATION_SPACE` bins, as the Python float it passes on (0.0 for the ops without one)."""
-    bins = {name: values(num_bins, height, width) for name, (values, _) in v2.RandAugment._AUGMENTATION_SPACE.items()}
-    return {name: 0.0 if bins[name] is None else float(bins[name][magnitude]) for name in OPS}
-
-
 def _op_matrix(name: str, magnitude: float, height: int, width: int) -> list[float]:
     """The matrix torchvision's RandAugment resamples with for a geometric op (the identity for the others),
     computed by torchvision's own helper: output to input pixel coordinates, about the image's centre."""
@@ -67,36 +60,24 @@ def _as_images(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, 1, 1, 1)
 
 
-def blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor,
-          out: torch.Tensor | None = None) -> torch.Tensor:
-    """torchvision's uint8 `_blend`, one factor per image: `image * factor + other * alpha` (alpha: 1 - factor),
+def adjust_colour(images: torch.Tensor, kind: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision's uint8 brightness (`kind` 0), contrast (1) or saturation (2), one kind and factor per image: its
+    `_blend` of the image with black, its mean luma or its luma, `image * factor + other * alpha` (alpha: 1 - factor),
     clamped to [0, 255] and floored (what `.to(torch.uint8)` does there). `addcmul` adds `other * alpha` with one
     rounding, like torchvision's `add_(other, alpha=...)`. `out` may be `images`."""
+    r, g, b = images.unbind(1)
+    gray = r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze_(1).floor_()  # torchvision's luma, floored
+    kind = _as_images(kind)
+    # the luma, its mean or 0 per image: exact, as each image has one nonzero term
+    other = torch.addcmul(gray.mean(dim=(-3, -2, -1), keepdim=True).mul_(kind == 1), gray, kind == 2)
     out = torch.mul(images, _as_images(factor), out=out)
     return out.addcmul_(other, _as_images(alpha)).clamp_(0, 255).floor_()
 
 
-def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """torchvision's luma of uint8 RGB images, floored: (N, 1, H, W)."""
-    r, g, b = images.unbind(1)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze_(1).floor_()
-
-
-def adjust_brightness(images: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """torchvision's: `image * factor`, clamped and floored (`alpha` unused: the signature of the other three)."""
-    return (images * _as_images(factor)).clamp_(0, 255).floor_()
-
-
-def adjust_saturation(images: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return blend(images, grayscale(images), factor, alpha)
-
-
-def adjust_contrast(images: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return blend(images, grayscale(images).mean(dim=(-3, -2, -1), keepdim=True), factor, alpha)
-
-
-def adjust_sharpness(images: torch.Tensor, factor: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """torchvision's: the interior blended with a 3x3 blur (1s around a 5, /13, rounded); the border kept."""
+def adjust_sharpness(images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """torchvision's: the interior blended with a 3x3 blur (1s around a 5, /13, rounded), `alpha` 1 - factor per
+    image; the border kept."""
     n, c, height, width = images.shape
     if height <= 2 or width <= 2:
         return images
@@ -132,22 +113,25 @@ class BatchRandAugment:
                  interpolation: str = "nearest") -> None:
         self.num_ops, self.magnitude, self.num_bins = num_ops, magnitude, num_magnitude_bins
         self.interpolation = interpolation
-        values = op_magnitudes(magnitude, num_magnitude_bins, 1, 1)  # these two do not depend on the size
-        self.bits, self.threshold = int(values["Posterize"]), 255 * values["Solarize"]
+        values = dict(zip(OPS, self.magnitudes(1, 1), strict=True))  # these two do not depend on the size
+        self.bits, self.threshold = int(values["Posterize"][0]), 255 * values["Solarize"][0]
         self._tables: dict[tuple[torch.device, int, int], tuple[torch.Tensor, ...]] = {}
         self._groups: tuple[tuple[int, int, Callable], ...] = (  # op ids first..last, and what they do
-            (1, 5, self._geometric), (6, 6, self._enhance(adjust_brightness)),
-            (7, 7, self._enhance(adjust_saturation)), (8, 8, self._enhance(adjust_contrast)),
-            (9, 9, self._enhance(adjust_sharpness)), (10, 10, lambda x, variant: posterize(x, self.bits)),
+            (1, 5, self._geometric), (6, 8, self._colour), (9, 9, self._sharpness),
+            (10, 10, lambda x, variant: posterize(x, self.bits)),
             (11, 11, lambda x, variant: solarize(x, self.threshold)),
             # torchvision's own kernels, exact on the uint8 values (and faster than batched float ones on the CPU)
             (12, 12, lambda x, variant: TF.autocontrast_image(x.to(torch.uint8)).float()),
             (13, 13, lambda x, variant: TF.equalize_image(x.to(torch.uint8)).float()))
 
     def magnitudes(self, height: int, width: int) -> list[tuple[float, float]]:
-        """Per op (the order of `OPS`), the magnitude torchvision passes it with a positive and a negative sign."""
-        values = op_magnitudes(self.magnitude, self.num_bins, height, width)
-        return [(values[name], -values[name] if name in SIGNED else values[name]) for name in OPS]
+        """Per op (the order of `OPS`), the magnitude torchvision's RandAugment passes it with a positive and a
+        negative sign: its `_AUGMENTATION_SPACE` bins' value at `magnitude`, as the Python float it passes on (0.0
+        for the ops without one)."""
+        space = v2.RandAugment._AUGMENTATION_SPACE
+        values = [space[name][0](self.num_bins, height, width) for name in OPS]
+        values = [0.0 if bins is None else float(bins[self.magnitude]) for bins in values]
+        return [(value, -value if name in SIGNED else value) for name, value in zip(OPS, values, strict=True)]
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The ops (num_ops, n), long ids into `OPS`, and their signs (num_ops, n), True for negative."""
@@ -183,8 +167,8 @@ class BatchRandAugment:
 
     def _table(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per (op, sign) row: the resampling matrix, transposed and rescaled as torchvision's `_affine_grid` does
-        (V, 3, 2), and the enhancement factor 1 + magnitude and 1 - factor (V,), each rounded as torchvision rounds
-        them. Made once per device and size: no host-to-device copy per batch."""
+        (V, 3, 2), the enhancement factor 1 + magnitude and 1 - factor (V,), each rounded as torchvision rounds them,
+        and `adjust_colour`'s kind (V,). Made once per device and size: no host-to-device copy per batch."""
         _, _, height, width = images.shape
         key = (images.device, height, width)
         if key not in self._tables:
@@ -195,17 +179,19 @@ class BatchRandAugment:
             theta = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height]))
             factor = torch.tensor([1.0 + value for _, value in rows], dtype=torch.float32)
             alpha = torch.tensor([1.0 - (1.0 + value) for _, value in rows], dtype=torch.float32)
-            self._tables[key] = tuple(t.to(images.device) for t in (theta, factor, alpha))
+            kind = torch.tensor([{"Contrast": 1, "Color": 2}.get(name, 0) for name, _ in rows])
+            self._tables[key] = tuple(t.to(images.device) for t in (theta, factor, alpha, kind))
         return self._tables[key]
 
     def _geometric(self, images: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
         return affine(images, self._table(images)[0][variant], self.interpolation)
 
-    def _enhance(self, fn: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        def op(images: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
-            _, factor, alpha = self._table(images)
-            return fn(images, factor[variant], alpha[variant])
-        return op
+    def _colour(self, images: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+        _, factor, alpha, kind = self._table(images)
+        return adjust_colour(images, kind[variant], factor[variant], alpha[variant])
+
+    def _sharpness(self, images: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+        return adjust_sharpness(images, self._table(images)[2][variant])
 
 
 class BatchColorJitter:
@@ -221,10 +207,9 @@ class BatchColorJitter:
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors (n, 3) of brightness, contrast and saturation, and each image's order of the adjustments (n, 3):
         their ids 0, 1, 2 (torchvision's `fn_idx`)."""
-        device = generator.device
-        draw = torch.rand((n, 3), generator=generator, device=device)
+        draw = torch.rand((n, 3), generator=generator, device=generator.device)
         factors = torch.stack([draw[:, i] * (high - low) + low for i, (low, high) in enumerate(self.ranges)], dim=1)
-        order = torch.rand((n, 3), generator=generator, device=device).argsort(dim=1)
+        order = torch.rand((n, 3), generator=generator, device=generator.device).argsort(dim=1)
         return factors, order
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -236,11 +221,7 @@ class BatchColorJitter:
         """Each step blends every image with what its own adjustment of that step blends with: black (brightness),
         its mean luma (contrast) or its luma (saturation). Overwrites `images` and returns it."""
         for step in order.unbind(1):
-            gray = grayscale(images)
-            step = _as_images(step)
-            # the luma, its mean or 0 per image: exact, as each image has one nonzero term
-            other = torch.addcmul(gray.mean(dim=(-3, -2, -1), keepdim=True).mul_(step == 1), gray, step == 2)
             factor = factors.gather(1, step.view(-1, 1)).squeeze(1)
             # 1 - factor as torchvision computes it from a Python float factor: in float64, then to float32
-            blend(images, other, factor, (1.0 - factor.double()).float(), out=images)
+            adjust_colour(images, step, factor, (1.0 - factor.double()).float(), out=images)
         return images

@@ -77,18 +77,15 @@ def _label_names(root: str, dataset: str, verify_checksums: bool | None = None) 
 class CIFARDataModule(ImageDataModule):
     """CIFAR-10/100 in torchvision's on-disk format (`<root>/cifar-10-batches-py/` or `<root>/cifar-100-python/`).
 
-    Validation is a seeded `val_fraction` split of the training set (CIFAR has no validation set of its own); the
-    official test set is the test set. With `val_fraction: 0` the whole training set trains and the test set also
-    serves as validation (the official script's setting), said in one line. `ImageFolderDataModule` gives
-    `val_fraction` the same meaning for a folder without `val/`.
+    Validation is a seeded `val_fraction` split of the training set (CIFAR has none of its own); the official test
+    set is the test set. With `val_fraction: 0` all training images train and the test set also serves as
+    validation (the official script's setting), said in one line.
 
     Augmentation defaults are the CIFAR-10 script's (`data.augment.*`): RandomResizedCrop (scale 0.75-1, ratio 1),
     flip, RandAugment (`ra_num_ops` 1, `ra_magnitude` 8), ColorJitter 0.1, RandomErasing 0.25; MixUp/CutMix are off.
 
-    `device_pipeline: true` holds every split on the training device as uint8 and augments whole batches there
-    (`convmixer_pl.data.device`): no loader workers, no per-image Python. An augmentation step the device pipeline
-    does not do is refused in one line when the data module is built. Prediction keeps the per-image loader: one
-    pass, whose sample indices Lightning tracks for the prediction writer.
+    `device_pipeline: true` augments whole batches on the training device (`convmixer_pl.data.device`): no loader
+    workers, no per-image Python; a step it cannot do is refused when the module is built. Prediction stays per image.
     """
 
     def __init__(
@@ -152,9 +149,9 @@ class CIFARDataModule(ImageDataModule):
     def prepare_data(self) -> None:
         release = RELEASES[self.dataset]
         folder = os.path.join(self.root, release.base_folder)
-        complete = all(check_integrity(os.path.join(folder, name), md5)
-                       for name, md5 in release.train_list + release.test_list)
-        if self.download and not complete:  # once per node, before the ranks read the files
+        # once per node, before the ranks read the files; the md5 sums are checked only when downloading
+        if self.download and not all(check_integrity(os.path.join(folder, name), md5)
+                                     for name, md5 in release.train_list + release.test_list):
             download_and_extract_archive(release.url, self.root, filename=release.filename, md5=release.tgz_md5)
 
     def setup(self, stage: str | None = None) -> None:
@@ -169,9 +166,8 @@ class CIFARDataModule(ImageDataModule):
         config = self.data_config
         # evaluation images held at image_size already (a no-op at 32 px), so both pipelines normalise the same
         # uint8 values
-        test_images = config.image_transform()(test_images)
         plain = config.batch_transform()
-        self.test_set = TensorImageDataset(test_images, test_targets, plain)
+        self.test_set = TensorImageDataset(config.image_transform()(test_images), test_targets, plain)
         augment = self.augment.train_transform(config)
         if self.val_fraction:
             train_idx, val_idx = fraction_split(len(targets), self.val_fraction, self.seed)

@@ -4,11 +4,9 @@ The uint8 images (N, C, H, W) are copied to the device once; each batch is gathe
 RandAugment-ed, colour-jittered, normalised and erased with batched tensor operations: no per-image Python work and
 no host-to-device copies in the training loop. The random parameters follow torchvision's v2 `RandomResizedCrop`,
 `RandomHorizontalFlip` and `RandomErasing` draw for draw (ten tries, the same fallbacks), and `RandAugment` and
-`ColorJitter` in law (`batched_ops`: per image, the same ops, magnitudes and factors, computed value for value as
-torchvision's uint8 kernels compute them). One difference: crops are resized bilinearly without antialiasing, which
-equals torchvision's output when a crop is enlarged (always for CIFAR at its own size) and is slightly sharper when
-one is shrunk; rounded to uint8 for RandAugment and ColorJitter, it is at most one level from torchvision's uint8
-crop, which resamples in fixed point.
+`ColorJitter` in law, value for value per image (`batched_ops`). One difference: crops are resized bilinearly
+without antialiasing: torchvision's output when a crop is enlarged (always for CIFAR at its own size), slightly
+sharper when one is shrunk, and at most one uint8 level from torchvision's fixed-point uint8 crop.
 """
 
 from __future__ import annotations
@@ -60,14 +58,8 @@ def sample_crops(n: int, height: int, width: int, scale: Sequence[float], ratio:
     h, w, found = _first_fit((w > 0) & (w <= width) & (h > 0) & (h <= height), h, w)
     # no try fitted: torchvision's central crop, clamped to the ratio range
     in_ratio = width / height
-    if in_ratio < min(ratio):
-        fallback = (round(width / min(ratio)), width)
-    elif in_ratio > max(ratio):
-        fallback = (height, round(height * max(ratio)))
-    else:
-        fallback = (height, width)
-    h = torch.where(found, h, fallback[0])
-    w = torch.where(found, w, fallback[1])
+    h = torch.where(found, h, round(width / min(ratio)) if in_ratio < min(ratio) else height)
+    w = torch.where(found, w, round(height * max(ratio)) if in_ratio > max(ratio) else width)
     top = torch.where(found, _randint_below(height - h + 1, generator), (height - h) // 2)
     left = torch.where(found, _randint_below(width - w + 1, generator), (width - w) // 2)
     return torch.stack([top, left, h, w], dim=1)
@@ -116,26 +108,21 @@ def erase(images: torch.Tensor, boxes: torch.Tensor, value: float | None = 0.0,
     cols = torch.arange(width, device=images.device)[None, None, None, :]
     mask = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
     if value is None:
-        fill = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-    else:
-        fill = torch.full((), value, device=images.device, dtype=images.dtype)
-    return torch.where(mask, fill, images)
+        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        return torch.where(mask, noise, images)
+    return images.masked_fill(mask, value)
 
 
 class BatchAugment:
     """Batched RandomResizedCrop -> RandomHorizontalFlip -> RandAugment -> ColorJitter -> to float in [0, 1] ->
-    Normalize -> RandomErasing.
-
-    The order and parameters of the CPU pipeline (`ra_num_ops: 0`, `color_jitter: 0`, `erase_prob: 0` turn steps
-    off). With RandAugment or ColorJitter on, the crop is rounded to integers, as torchvision's uint8 crop is, and
-    both work on those uint8 values as torchvision's uint8 kernels do. `erase_value` None fills with normal noise,
-    like torchvision's `value="random"`.
+    Normalize -> RandomErasing: the CPU pipeline's order and parameters (`ra_num_ops`, `color_jitter`, `erase_prob`
+    0 turn steps off). With RandAugment or ColorJitter on, the crop is rounded to integers, as torchvision's uint8
+    crop is, for their uint8 kernels. `erase_value` None fills with normal noise (torchvision's `value="random"`).
     """
 
     @classmethod
     def from_augmentation(cls, augment: Augmentation, config: DataConfig) -> BatchAugment:
-        """The device pipeline's form of `augment` for data of `config`; an option it cannot do is refused in one
-        line."""
+        """The device pipeline's form of `augment` for data of `config`; what it cannot do is refused in one line."""
         if augment.interpolation != "bilinear":
             raise DataError(f"data.augment.interpolation {augment.interpolation!r}: data.device_pipeline crops with "
                             "bilinear sampling only; set data.augment.interpolation: bilinear, or "
@@ -185,10 +172,9 @@ class DeviceLoader:
     """Batches of (float images, long targets) from a uint8 split held on `device` (`data.device_pipeline`).
 
     Shuffling and sharding come from torchdata's `StatefulDistributedSampler` (seeded, one shard per process, new
-    order per epoch, and able to skip the batches a resumed epoch already trained on) unless `sampler` is given;
-    Lightning calls `sampler.set_epoch` like it does for a `DataLoader`. Augmentation randomness comes from a
-    generator on the device, reseeded from (seed, epoch, rank, batch): an epoch is reproducible, and a resumed one
-    draws what the uninterrupted one would have.
+    order per epoch, able to skip the batches a resumed epoch already trained on) unless `sampler` is given;
+    Lightning calls its `set_epoch` as for a `DataLoader`. Augmentation draws from a generator on the device,
+    reseeded from (seed, epoch, rank, batch), so a resumed epoch draws what the uninterrupted one would have.
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, device: torch.device | str,
@@ -201,10 +187,8 @@ class DeviceLoader:
         self.targets = targets.to(self.device, torch.long)
         self.batch_size, self.drop_last, self.seed, self.rank = batch_size, drop_last, seed, rank
         self.transform = transform
-        if sampler is None:
-            sampler = StatefulDistributedSampler(range(len(self.targets)), num_replicas=num_replicas, rank=rank,
-                                                 shuffle=shuffle, seed=seed)
-        self.sampler = sampler
+        self.sampler = sampler if sampler is not None else StatefulDistributedSampler(
+            range(len(self.targets)), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.batch_sampler = None  # Lightning inspects loaders that have a `sampler` like DataLoaders
         self.generator = torch.Generator(device=self.device)
 
@@ -221,7 +205,6 @@ class DeviceLoader:
         for batch in range(first, len(self)):
             index = order[(batch - first) * self.batch_size:(batch - first + 1) * self.batch_size]
             images = self.images.index_select(0, index)
-            # seeded per batch, so a resumed epoch draws what an uninterrupted one would have
             if isinstance(self.transform, BatchAugment):
                 self.generator.manual_seed(derive_seed(self.seed, epoch, self.rank, batch))
                 images = self.transform(images, self.generator)

@@ -9,9 +9,8 @@ from .base import DataError, ImageDataModule, TensorImageDataset, split_indices
 
 
 class DigitsDataModule(ImageDataModule):
-    """The 1,797 8x8 handwritten digits bundled with scikit-learn, upscaled: trains anywhere, no download.
-
-    Validation and test are seeded `val_fraction` and `test_fraction` splits of the images."""
+    """The 1,797 8x8 handwritten digits bundled with scikit-learn, upscaled: trains anywhere, no download. Validation
+    and test are seeded `val_fraction` and `test_fraction` splits of the images."""
 
     def __init__(
         self,

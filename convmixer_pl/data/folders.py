@@ -18,7 +18,6 @@ from .augment import CROP_AND_FLIP, Augmentation
 from .base import DataError, ImageDataModule, TensorImageDataset, fraction_split
 from .images import decode_all, find_images, is_image_name, read_image, readable, walk_files
 
-SPLITS = ("train", "val", "test")
 Samples = list[tuple[str, int]]  # (path, class index)
 
 
@@ -56,19 +55,15 @@ class ImageFolderDataModule(ImageDataModule):
     A model that stores neither (a released ImageNet file) takes the sorted folder names, which must be all its
     classes, and this module's preprocessing options.
 
-    Evaluation resizes to `image_size / crop_pct` with `interpolation` and center-crops. Training augmentation
-    (`data.augment.*`) is RandomResizedCrop + flip by default; RandAugment, ColorJitter, RandomErasing and
-    MixUp/CutMix switch on with their options (`configs/imagenet_*.yaml` set the paper's values).
+    Evaluation resizes to `image_size / crop_pct` with `interpolation` and center-crops; training augmentation
+    (`data.augment.*`) is RandomResizedCrop + flip unless more is switched on (`configs/imagenet_*.yaml`: the
+    paper's). An image is any file PIL can open (PNG, JPEG, GIF's first frame, TIFF, WebP, BMP, ...), of any mode.
+    `bad_images: error` stops on a non-image file (at setup) or an unreadable image (when read), naming it; `skip`
+    decodes every file once at setup and leaves the bad ones out with a warning and a count (docs/reliability.md).
 
-    An image is any file PIL can open (`convmixer_pl.data.images`: PNG, JPEG, GIF (the first frame), TIFF, WebP,
-    BMP, ...), of any mode, read as 8-bit RGB. `bad_images: error` stops on a non-image file (at setup) or an
-    unreadable image (when read), naming it; `skip` decodes every file once at setup and leaves the bad ones out
-    with a warning and a count (docs/reliability.md).
-
-    `device_pipeline: true` is CIFARDataModule's device-resident pipeline for folders of small images: each split is
+    `device_pipeline: true`: CIFARDataModule's device-resident pipeline, for folders of small images: each split is
     decoded once at setup (in threads) into uint8 at `image_size` (evaluation images resized and center-cropped,
-    training images to their centre square), held on the training device (N x 3 x image_size^2 bytes per split)
-    and augmented in batches there.
+    training images to their centre square) and held on the training device (N x 3 x image_size^2 bytes).
     """
 
     def __init__(
@@ -110,16 +105,15 @@ class ImageFolderDataModule(ImageDataModule):
         if not self.root.is_dir():
             raise DataError(f"data.root {self.root} does not exist; point it at a folder with train/ (to fit) "
                             "and val/ or test/ class folders")
-        self.splits = [split for split in SPLITS if (self.root / split).is_dir()]
+        self.splits = [split for split in ("train", "val", "test") if (self.root / split).is_dir()]
         if not self.splits:
             raise DataError(f"{self.root} has no train/, val/ or test/ folder: data.root must hold "
                             "<split>/<class name>/<image> files, train/ to fit and val/ or test/ to evaluate")
         self.augment, self.val_fraction, self.bad_images = augment, val_fraction, bad_images
         self.device_pipeline = device_pipeline
         # what the data config takes from the options; unset ones keep DataConfig's defaults
-        self._options = {key: value for key, value in (("image_size", image_size), ("crop_pct", crop_pct),
-                                                        ("interpolation", interpolation), ("mean", mean),
-                                                        ("std", std)) if value is not None}
+        options = dict(image_size=image_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+        self._options = {key: value for key, value in options.items() if value is not None}
         self._training_split: tuple[Samples, Samples] | None = None
         if "train" in self.splits:  # the data is known now: the CLI links it into the model
             self._adopt(DataConfig(**self._options, class_names=self._class_folders("train")), "train/")
@@ -294,12 +288,10 @@ class ImageFiles(Dataset):
 
 
 class FolderPredictDataModule(ImageDataModule):
-    """Every image under `root` (nested folders, any size or mode), for `convmixer predict` only.
-
-    It knows nothing of the model: image size, channels and normalisation come from the model it predicts with
-    (`ConvMixerClassifier.data_config`, stored in its checkpoint), so no training data is needed.
-    `convmixer predict --data FolderPredictDataModule --data.root <folder>`.
-    """
+    """Every image under `root` (nested folders, any size or mode), for `convmixer predict` only:
+    `convmixer predict --data FolderPredictDataModule --data.root <folder>`. Image size, channels and normalisation
+    come from the model it predicts with (`ConvMixerClassifier.data_config`, stored in its checkpoint), so no
+    training data is needed."""
 
     def __init__(self, root: str, **loader) -> None:
         super().__init__(**loader)

@@ -23,11 +23,9 @@ def _image_extensions() -> frozenset[str]:
     """The extensions of every format PIL can open (GIF, JFIF, TIFF, WebP, ...); stubs, which need a handler
     installed by the user, are left out."""
     Image.init()
-    def stub(factory) -> bool:
-        return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
-
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                     if fmt in Image.OPEN and not stub(Image.OPEN[fmt][0]))
+    opened = {fmt for fmt, (factory, _) in Image.OPEN.items()
+              if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in opened)
 
 
 IMAGE_EXTENSIONS = _image_extensions()

@@ -76,14 +76,12 @@ class Augmentation:
         if self.ra_interpolation not in ("nearest", "bilinear"):
             raise DataError(f"data.augment.ra_interpolation {self.ra_interpolation!r}: torchvision's RandAugment on "
                             "tensors resamples with nearest or bilinear only; set one of them")
-        if self.color_jitter < 0:
-            raise DataError(f"data.augment.color_jitter must be >= 0, got {self.color_jitter}")
+        for name in ("color_jitter", "mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise DataError(f"data.augment.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.re_prob <= 1 or self.re_mode not in ("const", "pixel"):
             raise DataError(f"data.augment.re_prob ({self.re_prob}) must be in [0, 1] and data.augment.re_mode "
                              f"({self.re_mode!r}) 'const' or 'pixel'")
-        for name in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(self, name) < 0:
-                raise DataError(f"data.augment.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("hflip", "mix_switch_prob", "mix_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise DataError(f"data.augment.{name} must be in [0, 1], got {getattr(self, name)}")

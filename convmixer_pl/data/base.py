@@ -27,8 +27,7 @@ from .device import BatchAugment, DeviceLoader
 
 
 class TensorImageDataset(Dataset):
-    """uint8 images (N, C, H, W) held in memory, with a per-sample transform; `paths`, the files they were decoded
-    from, if any (the prediction writer names them)."""
+    """uint8 images (N, C, H, W) in memory, a per-sample transform; `paths`: their files, for the prediction writer."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform, paths: list[str] | None = None) -> None:
         self.images, self.targets, self.transform, self.paths = images, targets, transform, paths
@@ -86,8 +85,7 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def data_config(self) -> DataConfig:
-        """The preprocessing and classes of this data. Absent (AttributeError) until known: the CLI's link then
-        leaves the model's own, e.g. a checkpoint's."""
+        """The preprocessing and classes of this data; AttributeError until known (the CLI's link keeps the model's)."""
         if self._data_config is None:
             raise AttributeError("data_config")
         return self._data_config
@@ -110,8 +108,7 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------------------------
     def _shard(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None, **kwargs) -> DataLoader:
         pin = self.pin_memory
@@ -127,8 +124,7 @@ class ImageDataModule(L.LightningDataModule):
     def _device_loader(self, dataset: TensorImageDataset, train: bool = False) -> DeviceLoader:
         """`data.device_pipeline`'s loader of one split: its uint8 images on the training device, batch-augmented
         for training, normalised for evaluation (evaluation splits are held resized and cropped already)."""
-        trainer = self.trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         replicas, rank = self._shard()
         config = self.data_config
         transform = BatchAugment.from_augmentation(self.augment, config) if train else config.batch_transform()

@@ -1,12 +1,11 @@
 """RandAugment and ColorJitter for whole batches, with torchvision.transforms.v2's semantics on uint8 images.
 
-Images are float32 RGB tensors (N, 3, H, W) holding uint8 values (integers in [0, 255]). Each operation does the
-float32 arithmetic and truncation of torchvision's uint8 kernel (or calls that kernel), so an image comes out as
-torchvision's would, value for value (the tests compare every operation per image). Every image has its own operation
-and parameters: the images of one operation are gathered and transformed together (the affine ones with one
-`grid_sample` of per-image matrices), or, off the CPU, every operation runs on the whole batch and `torch.where`
-keeps each image's own (no device-to-host synchronisation, more arithmetic). The random parameters are drawn for the
-whole batch at once from the generator given, on its device.
+Images are float32 RGB tensors (N, 3, H, W) holding uint8 values. Each operation does the float32 arithmetic and
+truncation of torchvision's uint8 kernel (or calls that kernel), so an image comes out as torchvision's would, value
+for value (the tests compare every operation per image). Every image has its own operation and parameters, drawn for
+the whole batch at once on the generator's device; on the CPU the images of one operation are transformed together
+(the affine ones with one `grid_sample` of per-image matrices), elsewhere every operation runs on the whole batch
+and `torch.where` keeps each image's own (no device-to-host synchronisation, more arithmetic).
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ SIGNED = frozenset(OPS[1:10])  # the ops whose magnitude gets a random sign
 
 
 def _op_matrix(name: str, magnitude: float, height: int, width: int) -> list[float]:
-    """The matrix torchvision's RandAugment resamples with for a geometric op (the identity for the others),
-    computed by torchvision's own helper: output to input pixel coordinates, about the image's centre."""
+    """The matrix torchvision's RandAugment resamples a geometric op with, from its own helper (else the identity)."""
     if name in ("ShearX", "ShearY"):  # sheared about the top-left corner (torchvision's center=[0, 0])
         shear = math.degrees(math.atan(magnitude))
         return inverse_affine_matrix([-width * 0.5, -height * 0.5], 0.0, [0.0, 0.0], 1.0,
@@ -43,9 +41,8 @@ def _op_matrix(name: str, magnitude: float, height: int, width: int) -> list[flo
 
 
 def affine(images: torch.Tensor, theta: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
-    """Resample each image with its own inverse matrix, as torchvision's tensor `affine`/`rotate` (fill 0, then
-    rounded to integers): `theta` (N, 3, 2) is torchvision's matrix transposed and divided by half the image size,
-    applied to the output's pixel centres."""
+    """Resample each image with its own inverse matrix, as torchvision's tensor `affine`/`rotate` (fill 0, rounded):
+    `theta` (N, 3, 2) is its matrix transposed and divided by half the image size, on the output's pixel centres."""
     n, _, height, width = images.shape
     base = torch.empty(1, height, width, 3, dtype=images.dtype, device=images.device)
     base[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, device=images.device))
@@ -76,8 +73,7 @@ def adjust_colour(images: torch.Tensor, kind: torch.Tensor, factor: torch.Tensor
 
 
 def adjust_sharpness(images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """torchvision's: the interior blended with a 3x3 blur (1s around a 5, /13, rounded), `alpha` 1 - factor per
-    image; the border kept."""
+    """torchvision's: the interior blended (`alpha`: 1 - factor) with a 3x3 blur (1s around a 5, /13, rounded)."""
     n, c, height, width = images.shape
     if height <= 2 or width <= 2:
         return images
@@ -105,9 +101,8 @@ def solarize(images: torch.Tensor, threshold: float) -> torch.Tensor:
 
 class BatchRandAugment:
     """`v2.RandAugment(num_ops, magnitude, num_magnitude_bins, interpolation)` on a batch of uint8-valued float
-    images: per image and per op slot, an op drawn uniformly from `OPS` and a sign (negative with probability 1/2)
-    for the signed ones, at torchvision's magnitude for `magnitude` of the bins; fill 0 for the geometric ops. The
-    options are `Augmentation`'s, checked there (`interpolation`: nearest or bilinear, torchvision's on tensors)."""
+    images: per image and op slot, an op drawn uniformly from `OPS` and a sign (negative with probability 1/2) for
+    the signed ones, at torchvision's magnitudes; fill 0 for the geometric ops. `Augmentation` checks the options."""
 
     def __init__(self, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31,
                  interpolation: str = "nearest") -> None:
@@ -125,9 +120,8 @@ class BatchRandAugment:
             (13, 13, lambda x, variant: TF.equalize_image(x.to(torch.uint8)).float()))
 
     def magnitudes(self, height: int, width: int) -> list[tuple[float, float]]:
-        """Per op (the order of `OPS`), the magnitude torchvision's RandAugment passes it with a positive and a
-        negative sign: its `_AUGMENTATION_SPACE` bins' value at `magnitude`, as the Python float it passes on (0.0
-        for the ops without one)."""
+        """Per op (the order of `OPS`), the magnitude torchvision's RandAugment passes it with a positive and a negative
+        sign: its `_AUGMENTATION_SPACE` value at `magnitude`, a Python float (0.0 for the ops without one)."""
         space = v2.RandAugment._AUGMENTATION_SPACE
         values = [space[name][0](self.num_bins, height, width) for name in OPS]
         values = [0.0 if bins is None else float(bins[self.magnitude]) for bins in values]
@@ -197,8 +191,7 @@ class BatchRandAugment:
 class BatchColorJitter:
     """`v2.ColorJitter(brightness, contrast, saturation)` on a batch of uint8-valued float images: per image,
     factors uniform in [max(0, 1 - x), 1 + x] and the three adjustments in a random order (torchvision permutes them
-    per call). A strength of 0 leaves its adjustment out (its factor is 1, an exact no-op). Strengths are >= 0
-    (`Augmentation` checks them)."""
+    per call). A strength (>= 0, checked by `Augmentation`) of 0 leaves its adjustment out: factor 1, a no-op."""
 
     def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0) -> None:
         self.ranges = tuple((max(0.0, 1.0 - x), 1.0 + x) if x > 0 else (1.0, 1.0)

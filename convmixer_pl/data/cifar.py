@@ -38,8 +38,7 @@ SAFE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiar
 
 
 class ArraysOnly(pickle.Unpickler):
-    """Unpickles dicts, lists, strings, numbers and numpy arrays; refuses every other global, so a crafted file
-    cannot run code."""
+    """Unpickles dicts, lists, strings, numbers and numpy arrays, and refuses all else: a crafted file runs no code."""
 
     def find_class(self, module: str, name: str):
         if (module, name) not in SAFE_GLOBALS:
@@ -125,8 +124,7 @@ class CIFARDataModule(ImageDataModule):
                                          class_names=_label_names(root, dataset)))
 
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The split's uint8 images (N, 3, 32, 32) and labels; with verify_checksums, each file's md5 is checked
-        before it is read."""
+        """The split's uint8 images (N, 3, 32, 32) and labels; each file's md5 checked first with verify_checksums."""
         release = RELEASES[self.dataset]
         folder = os.path.join(self.root, release.base_folder)
         data, labels = [], []

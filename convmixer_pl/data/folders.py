@@ -204,8 +204,7 @@ class ImageFolderDataModule(ImageDataModule):
         return self._training_split
 
     def _evaluation(self, split: str, stage: str | None) -> tuple[Samples, str]:
-        """The images that serve as `split` (val or test) and where they are, falling back as the class docstring
-        says (in one line)."""
+        """The images that serve as `split` (val or test) and where they are, with the class docstring's fallbacks."""
         if split in self.splits:
             return self._samples(split), str(self.root / split)
         goal = "validate" if split == "val" else "predict" if stage == "predict" else "test"
@@ -274,24 +273,18 @@ def _drop_unreadable(samples: Samples, others: list[str], folder: Path, names: l
     return kept
 
 
-class ImageFiles(Dataset):
-    """Image files of any size and PIL mode, converted to the model's channels; items are (image, index)."""
+class ImageFiles(LabelledImages):
+    """Image files of any size and PIL mode, converted to the model's channels; items (image, index), no targets."""
 
     def __init__(self, paths: list[Path], config: DataConfig) -> None:
-        self.paths, self.mode, self.transform = paths, config.pil_mode, config.eval_transform()
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        return self.transform(read_image(self.paths[index], self.mode)), index
+        super().__init__([(path, index) for index, path in enumerate(paths)], config.eval_transform(), config.pil_mode)
+        self.paths, self.targets = paths, None
 
 
 class FolderPredictDataModule(ImageDataModule):
     """Every image under `root` (nested folders, any size or mode), for `convmixer predict` only:
     `convmixer predict --data FolderPredictDataModule --data.root <folder>`. Image size, channels and normalisation
-    come from the model it predicts with (`ConvMixerClassifier.data_config`, stored in its checkpoint), so no
-    training data is needed."""
+    come from the model it predicts with (its `data_config`, stored in its checkpoint): no training data is needed."""
 
     def __init__(self, root: str, **loader) -> None:
         super().__init__(**loader)

@@ -5,7 +5,6 @@ leaving out the unreadable ones (`data.bad_images: skip`), and decoding a whole 
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +19,7 @@ from ..preprocessing import DataError
 
 
 def _image_extensions() -> frozenset[str]:
-    """The extensions of every format PIL can open (GIF, JFIF, TIFF, WebP, ...); stubs, which need a handler
-    installed by the user, are left out."""
+    """The extensions of the formats PIL can open (GIF, JFIF, TIFF, WebP, ...), less stubs (needing a user handler)."""
     Image.init()
     opened = {fmt for fmt, (factory, _) in Image.OPEN.items()
               if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
@@ -60,14 +58,7 @@ def walk_files(folder: str | os.PathLike, within: str | os.PathLike | None = Non
         dirs[:] = kept
         folders.append((top, names))
     return [path for top, names in sorted(folders) for path in (os.path.join(top, name) for name in sorted(names))
-            if _regular(path)]
-
-
-def _regular(path: str) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)  # through a link to its target; a dangling link is not
-    except OSError:
-        return False
+            if os.path.isfile(path)]  # through a link to its target; a dangling link is not
 
 
 def find_images(root: Path) -> list[Path]:
@@ -118,9 +109,8 @@ def readable(paths: Iterable[str]) -> list[str | None]:
 
 
 def decode_all(paths: list[str], mode: str, transform, where: str) -> torch.Tensor:
-    """Every image read once (in threads) as a uint8 (C, H, W) tensor and `transform`ed to one shape: a uint8
-    (N, C, H, W) tensor in the order of `paths`, said in one line. An unreadable file raises its DataError, naming
-    it."""
+    """Every image read once (in threads) and `transform`ed to one shape: a uint8 (N, C, H, W) tensor in the order
+    of `paths`, said in one line. An unreadable file raises its DataError, naming it."""
     first_image = read_image(paths[0], mode)
     first = transform(pil_to_tensor(first_image))
     images = torch.empty((len(paths), *first.shape), dtype=torch.uint8)

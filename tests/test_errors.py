@@ -228,24 +228,18 @@ def test_cifar_files_corrupt(capsys, tmp_path, cifar_root, checksums):
 # ---- config ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["flag", "config file"])
-def test_unknown_config_key(capsys, tmp_path, where):
-    if where == "flag":
-        code, err = run(capsys, "fit", *DIGITS, "--model.dimm", "8")
-    else:
-        (tmp_path / "bad.yaml").write_text("model:\n  dimm: 8\n")
-        code, err = run(capsys, "fit", *DIGITS, "--config", tmp_path / "bad.yaml")
-    error_line(code, err, "dimm", "--help` lists the options")
-
-
-@pytest.mark.parametrize("where", ["flag", "config file"])
-def test_wrong_type(capsys, tmp_path, where):
-    if where == "flag":
-        code, err = run(capsys, "fit", *DIGITS, "--model.dim", "eight")
-    else:
-        (tmp_path / "bad.yaml").write_text("trainer:\n  max_epochs: many\n")
-        code, err = run(capsys, "fit", *DIGITS, "--config", tmp_path / "bad.yaml")
-    error_line(code, err, "eight" if where == "flag" else "many")
+@pytest.mark.parametrize(("flags", "config", "named"), [
+    (["--model.dimm", "8"], None, ["dimm", "--help` lists the options"]),
+    ([], "model:\n  dimm: 8\n", ["dimm", "--help` lists the options"]),
+    (["--model.dim", "eight"], None, ["eight"]),
+    ([], "trainer:\n  max_epochs: many\n", ["many"]),
+], ids=["unknown key flag", "unknown key in a config file", "wrong type flag", "wrong type in a config file"])
+def test_unknown_key_and_wrong_type(capsys, tmp_path, flags, config, named):
+    if config:
+        (tmp_path / "bad.yaml").write_text(config)
+        flags = ["--config", tmp_path / "bad.yaml"]
+    code, err = run(capsys, "fit", *DIGITS, *flags)
+    error_line(code, err, *named)
 
 
 @pytest.mark.parametrize("flags, needle", [

@@ -13,7 +13,7 @@ import gc
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,8 +153,9 @@ class PeakMemory:
         return (_proc_status_kib("VmHWM") * 1024 - self.base) / 2**20 if self.available else None
 
 
-def run_metrics(run_dir: str | os.PathLike) -> dict[str, dict[int, float]]:
+def run_metrics(run_dir: str | os.PathLike, skip: Collection[Path] = ()) -> dict[str, dict[int, float]]:
     """What a `convmixer fit`/`test` run logged by epoch, from the newest `lightning_logs/version_N/metrics.csv`
-    under `run_dir` (`plots.read_metrics`): {metric: {epoch: value}}; {} before any log."""
-    logs = sorted(Path(run_dir).glob("lightning_logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
-    return {key: dict(values) for key, values in read_metrics(logs[-1]).items()} if logs else {}
+    under `run_dir`, not in the `skip` folders (`plots.read_metrics`): {metric: {epoch: value}}; {} before any log."""
+    logs = [p for p in Path(run_dir).glob("lightning_logs/version_*/metrics.csv") if p.parent not in skip]
+    newest = max(logs, key=lambda p: int(p.parent.name[8:]) if p.parent.name[8:].isdigit() else -1, default=None)
+    return {key: dict(values) for key, values in read_metrics(newest).items()} if newest else {}

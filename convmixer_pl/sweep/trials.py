@@ -18,9 +18,9 @@ import optuna
 import yaml
 from optuna.trial import Trial, TrialState
 
+from ..benchmark import run_metrics
 from ..callbacks.guards import Interrupted
 from ..console import say
-from ..plots import read_metrics
 from .options import FINISHED, Plan, SweepError, suggest
 
 POLL_SECONDS = 1.0  # how often a running trial's metrics.csv is read (and a stop signal looked for)
@@ -163,8 +163,8 @@ class TrialRunner:
         try:
             while True:
                 code = child.poll()  # before reading: after the child's exit, the read is complete
-                logged = _read_run_metrics(folder, before).get(self.plan.objective, [])
-                for epoch, value in [(epoch, value) for epoch, value in logged if epoch not in values]:
+                logged = _read_run_metrics(folder, before).get(self.plan.objective, {})
+                for epoch, value in [(epoch, value) for epoch, value in logged.items() if epoch not in values]:
                     values[epoch] = value
                     trial.report(value, epoch)
                     if trial.should_prune():  # epochs read after this one in the same poll do not count
@@ -195,14 +195,10 @@ def _logged(folder: Path) -> str:
     return "it logs " + ", ".join(sorted(metrics)) if metrics else "it logged no metrics: is trainer.logger off?"
 
 
-def _read_run_metrics(folder: Path, before: set[Path]) -> dict[str, list[tuple[int, float]]]:
-    """The newest run's metrics.csv under `folder` (not one of the `before` log folders), {} while unreadable."""
-    runs = [p for p in folder.glob("lightning_logs/version_*") if p not in before and (p / "metrics.csv").is_file()]
-    if not runs:
-        return {}
-    newest = max(runs, key=lambda p: int(p.name.rsplit("_", 1)[-1]) if p.name.rsplit("_", 1)[-1].isdigit() else -1)
+def _read_run_metrics(folder: Path, before: set[Path]) -> dict[str, dict[int, float]]:
+    """`benchmark.run_metrics` of the newest run not in the `before` log folders, {} while unreadable."""
     try:
-        return read_metrics(newest / "metrics.csv")
+        return run_metrics(folder, before)
     except (OSError, ValueError, csv.Error):  # being rewritten this instant: read it at the next poll
         return {}
 

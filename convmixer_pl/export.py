@@ -49,14 +49,8 @@ def write_onnx(module, output: Path, opset: int = 18) -> None:
                                 output_names=["logits"], opset_version=opset, dynamo=True,
                                 dynamic_shapes=_DYNAMIC_BATCH, verbose=False)
     program.model.metadata_props["convmixer"] = json.dumps(metadata(module))
-    tmp = temporary_path(output)
-    try:
-        program.save(str(tmp))  # torch.onnx saves to a path: staged beside the target, then moved
-        os.replace(tmp, output)
-    except OSError as err:
-        raise OutputError(f"cannot write {output} ({err.strerror or err}); choose another --output") from err
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(output, "wb") as f:
+        f.write(program.model_proto.SerializeToString())
 
 
 def write_pt2(module, output: Path, **_) -> None:

@@ -113,6 +113,16 @@ def test_peak_memory_sees_an_allocation():
     assert memory.peak_mib() < 30
 
 
+def test_peak_memory_leaves_out_what_was_freed_before_start():
+    garbage = torch.ones(256 * 2**20 // 4)  # 256 MiB in use when the meter is made, freed before start()
+    memory = PeakMemory(torch.device("cpu"))
+    del garbage
+    memory.start()
+    block = torch.ones(64 * 2**20 // 4)
+    del block
+    assert 60 < memory.peak_mib() < 200
+
+
 def test_run_metrics_reads_the_newest_log(tmp_path):
     for version, acc in ((2, "0.5"), (10, "0.75")):  # version_10 is newer than version_2
         log = tmp_path / "lightning_logs" / f"version_{version}"

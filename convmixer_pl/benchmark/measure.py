@@ -136,6 +136,7 @@ class PeakMemory:
         elif self.available:
             with suppress(OSError, AttributeError):  # hand freed heap back to the OS: the baseline is what is in use
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
+            self.reset_peak()  # else VmHWM still holds the RSS from before that memory was handed back
             self.base = _proc_status_kib("VmRSS") * 1024
 
     def reset_peak(self) -> None:

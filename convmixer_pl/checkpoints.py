@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
-import pickle
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +82,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             if "mmap" not in str(err):
                 raise
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # a pre-zipfile-format file
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError,
-            AttributeError, ImportError, IndexError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 -- whatever torch raises on a file that is no checkpoint
         reason = type(err).__name__ + (f": {' '.join(str(err).split())[:160]}" if str(err) else "")
         raise CheckpointError(f"--ckpt_path {path} is not a checkpoint torch can read ({reason}); pass a .ckpt "
                               "written by `convmixer fit`, or last/best") from err
@@ -117,10 +114,12 @@ def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     return hparams
 
 
-def check_hparams(path: str | os.PathLike, checkpoint: dict[str, Any], accepted: set[str]) -> dict[str, Any]:
-    """The checkpoint's hyper-parameters, if `convmixer fit` could have written them (names in `accepted`)."""
+def check_hparams(path: str | os.PathLike, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's hyper-parameters, if `convmixer fit` could have written them (ConvMixerClassifier's and
+    ConvMixer's parameters)."""
     saved = dict(checkpoint.get("hyper_parameters") or {})
     saved.pop("_instantiator", None)
+    accepted = set(inspect.signature(ConvMixerClassifier).parameters) | set(inspect.signature(ConvMixer).parameters)
     if unknown := sorted(set(saved) - accepted):
         raise CheckpointError(f"--ckpt_path {path} was written by another model (its hyper-parameters "
                               f"{', '.join(unknown[:5])} are not ConvMixerClassifier's); pass a checkpoint written "
@@ -174,8 +173,7 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
 def load_module(path: str | os.PathLike):
     """The trained `ConvMixerClassifier` of a `convmixer fit` checkpoint, on the CPU, in eval mode (one read)."""
     checkpoint = read_checkpoint(path)
-    accepted = set(inspect.signature(ConvMixerClassifier).parameters) | set(inspect.signature(ConvMixer).parameters)
-    hparams = check_hparams(path, checkpoint, accepted)
+    hparams = check_hparams(path, checkpoint)
     if not hparams:
         raise CheckpointError(f"--ckpt_path {path} holds no hyper-parameters; pass a .ckpt written by "
                               "`convmixer fit`")
@@ -196,19 +194,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         with atomic_write(path, "wb") as f:  # a full disk is one line naming the file; the old one stays
             torch.save(checkpoint, f)
-
-
-def remove_stale_temporaries(folder: str | os.PathLike | None) -> list[Path]:
-    """Delete temporary checkpoint files that dead processes left in `folder`; returns what was removed."""
-    removed = []
-    if folder and Path(folder).is_dir():
-        for leftover in Path(folder).glob(f".*.*{TMP_SUFFIX}"):
-            pid = leftover.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]
-            if pid.isdigit() and _alive(int(pid)):
-                continue  # still being written
-            leftover.unlink(missing_ok=True)
-            removed.append(leftover)
-    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -273,9 +258,15 @@ class RunCheckpoint(ModelCheckpoint):
             super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            for leftover in remove_stale_temporaries(self.dirpath):
-                say(f"removed {leftover}, a partial checkpoint left by a killed run")
+        """Delete the temporary checkpoint files that killed processes left in the folder."""
+        if not trainer.is_global_zero or not self.dirpath:
+            return
+        for leftover in Path(self.dirpath).glob(f".*.*{TMP_SUFFIX}"):
+            pid = leftover.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]
+            if pid.isdigit() and _alive(int(pid)):
+                continue  # still being written
+            leftover.unlink(missing_ok=True)
+            say(f"removed {leftover}, a partial checkpoint left by a killed run")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -21,7 +21,6 @@ import re
 import signal
 import sys
 import warnings
-from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from .checkpoints import (
 from .console import debugging, fail, run_entry_point, say
 from .data import ImageDataModule
 from .files import atomic_write
-from .model import VARIANTS, ConvMixer
+from .model import VARIANTS
 from .module import ConvMixerClassifier
 from .resume import ResumeState
 from .speed import (
@@ -114,8 +113,7 @@ def lock_run_folder(folder: Path) -> None:
         handle.close()
         raise CheckpointError(f"{folder}/ is being written by another `convmixer fit` ({owner}); wait for it to "
                               "end, or use another --name") from err
-    handle.seek(0)
-    handle.truncate()
+    handle.truncate(0)  # appended writes go to the (new) end
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     _held_locks.append(handle)
@@ -231,7 +229,7 @@ class ConvMixerParser(LightningArgumentParser):
 
 
 class ConvMixerCLI(LightningCLI):
-    def __init__(self, args=None) -> None:
+    def __init__(self, args=None, run: bool = True) -> None:
         self._checkpoint: tuple[str, dict] | None = None  # the --ckpt_path file, read once to check it
         argv = sys.argv[1:] if args is None else args
         # the tools' options are built (their modules imported) only when a tool or the overview is asked for
@@ -251,6 +249,7 @@ class ConvMixerCLI(LightningCLI):
             # AdamW + one-cycle are the module's (configure_optimizers); no --optimizer/--lr_scheduler to replace them
             auto_configure_optimizers=False,
             args=args,
+            run=run,  # False: parse and instantiate only, as LightningCLI's
         )
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
@@ -367,9 +366,7 @@ class ConvMixerCLI(LightningCLI):
                 check_resumable(config.ckpt_path, checkpoint)
                 check_unfinished(config.ckpt_path, checkpoint, config.trainer)
             self._checkpoint = (config.ckpt_path, checkpoint)
-            accepted = (set(inspect.signature(ConvMixerClassifier).parameters)
-                        | set(inspect.signature(ConvMixer).parameters))
-            saved = check_hparams(config.ckpt_path, checkpoint, accepted)
+            saved = check_hparams(config.ckpt_path, checkpoint)
             differ = [f"{key} {saved[key]} (not {config.model.get(key)})" for key in
                       ("dim", "depth", "kernel_size", "patch_size", "act")
                       if key in saved and config.model.get(key) is not None and saved[key] != config.model.get(key)]
@@ -422,14 +419,10 @@ class ConvMixerCLI(LightningCLI):
         """The precision, memory format and depthwise path measured for this model on this machine (cached), where
         the config leaves them unset (`convmixer_pl.speed`); the precision for the Trainer."""
         accelerator = str(trainer.get("accelerator") or "auto")
-        if accelerator not in ("cpu", "gpu", "cuda", "auto"):
+        if accelerator not in ("cpu", "gpu", "cuda", "auto") or not hasattr(self.datamodule, "data_config"):
             return {}
-        try:
-            config = self.datamodule.data_config
-        except AttributeError:
-            return {}
-        device = torch.device("cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto"
-                                                                           and torch.cuda.is_available()) else "cpu")
+        # without a GPU, a gpu config was set to cpu (`_fall_back_to_cpu`)
+        device = torch.device("cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu")
         hp = self.model.hparams
         given = {"precision": trainer.get("precision"), "channels_last": hp.channels_last,
                  "fast_depthwise_grad": hp.fast_depthwise_grad, "compile": hp.compile}
@@ -441,10 +434,9 @@ class ConvMixerCLI(LightningCLI):
         if measuring and device.type == "cpu" and one_process:
             use_free_cpus(saved.get("threads"))
         if not measuring or all(value is not None for value in given.values()):
-            choice = replace(default_choice(device, hp.kernel_size, given["precision"]),
-                             **{k: v for k, v in given.items() if k != "precision" and v is not None})
+            choice = default_choice(device, hp.kernel_size, **given)
         else:
-            crop = getattr(self.datamodule.augment, "crop_size", None) or config.image_size
+            crop = getattr(self.datamodule.augment, "crop_size", None) or self.datamodule.data_config.image_size
             shape = ModelShape.of(self.model.model, crop, self.datamodule.batch_size)
             choice = choose_speed(shape, device, **given, measure_now=one_process and rank_zero_only.rank == 0)
         self.model.use_speed(choice.channels_last, choice.fast_depthwise_grad, choice.precision)

@@ -199,11 +199,13 @@ def _cpu_name() -> str:
 
 
 # -- the candidates and the choice ---------------------------------------------------------------------------------
-def default_choice(device: torch.device, kernel_size: int, precision: str | None = None) -> SpeedChoice:
+def default_choice(device: torch.device, kernel_size: int, precision: str | None = None, **given) -> SpeedChoice:
     """The choice without a measurement: fp32 (or `precision`), channels_last on the CPU and for kernels up to 7
-    on GPUs (slower for kernel 9 there: docs/benchmarks.md), the fast depthwise gradient, no compile."""
-    return SpeedChoice(_ALIASES.get(str(precision), precision) if precision else FULL,
-                       device.type == "cpu" or (device.type == "cuda" and kernel_size <= 7))
+    on GPUs (slower for kernel 9 there: docs/benchmarks.md), the fast depthwise gradient, no compile; each knob
+    `given` (not None) as given."""
+    choice = SpeedChoice(_ALIASES.get(str(precision), precision) if precision else FULL,
+                         device.type == "cpu" or (device.type == "cuda" and kernel_size <= 7))
+    return replace(choice, **{k: v for k, v in given.items() if v is not None})
 
 
 def _precisions(device: torch.device) -> list[str]:
@@ -469,12 +471,14 @@ def choose_speed(shape: ModelShape, device: torch.device | str = "cpu", *, preci
     device = torch.device(device)
     fixed = {k: v for k, v in (("precision", precision), ("channels_last", channels_last),
                                ("fast_depthwise_grad", fast_depthwise_grad), ("compile", compile)) if v is not None}
-    _warn_emulated_bf16(precision, device)
+    if device.type == "cpu" and _ALIASES.get(str(precision), precision) in ("bf16-mixed", "bf16-true") \
+            and not cpu_has_native_bf16():
+        say(f"speed: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}): precision {precision} "
+            "is emulated, about 10x slower than 32-true; leave the precision unset to have it measured")
     choices = candidates(shape, device, **fixed)
     if len(choices) == 1:
         return choices[0]
-    default = default_choice(device, shape.kernel_size, precision)
-    default = replace(default, **{k: v for k, v in fixed.items() if k != "precision"})
+    default = default_choice(device, shape.kernel_size, **fixed)
     path, key = cache_file(), cache_key(shape, device, fixed)
     entry = read_cache(path).get(key)
     cached = _cached_choice(entry, choices) if entry else None
@@ -517,10 +521,3 @@ def _summary(choice: SpeedChoice, result: Measurement, device_type: str) -> str:
     versus = f" vs {result.rates[others[0]]:.1f} for {others[0].describe(device_type)}" if others else ""
     return (f"{result.rates[choice]:.1f} images/s{versus}; {len(result.rates)} candidates, {result.rounds} rounds, "
             f"{result.seconds:.0f} s")
-
-
-def _warn_emulated_bf16(precision: str | None, device: torch.device) -> None:
-    if device.type == "cpu" and _ALIASES.get(str(precision), precision) in ("bf16-mixed", "bf16-true") \
-            and not cpu_has_native_bf16():
-        say(f"speed: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}): precision {precision} "
-            "is emulated, about 10x slower than 32-true; leave the precision unset to have it measured")

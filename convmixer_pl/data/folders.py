@@ -166,13 +166,11 @@ class ImageFolderDataModule(ImageDataModule):
         """The images of `<root>/<split>/<class>/...` (sorted, sub-folders included, as torchvision's ImageFolder
         lists them), each with the index of its folder's name among the classes; `bad_images` applied."""
         folder, classes = self.root / split, self._class_folders(split)
-        unknown = [name for name in classes if name not in self._index]
-        if unknown:
+        if unknown := [name for name in classes if name not in self._index]:
             raise DataError(f"{folder} has class folder(s) {_listed(unknown)} that {self._known_as} does not: "
                             f"{folder} has {_listed(classes)}, {self._known_as} {_listed(self.class_names)}; "
                             "a class is known by its folder's name: rename or remove those folders")
-        missing = [name for name in self.class_names if name not in classes]
-        if missing:
+        if missing := [name for name in self.class_names if name not in classes]:
             say(f"{folder} has no folder for {len(missing)} of the {len(self.class_names)} classes: "
                 f"{_listed(missing)}")
         samples: Samples = []
@@ -183,7 +181,7 @@ class ImageFolderDataModule(ImageDataModule):
             if not images:
                 raise DataError(f"{folder / name} holds no image; put images in it or remove it")
             samples += [(path, self._index[name]) for path in images]
-            others += [path for path in files if not is_image_name(path) and not os.path.basename(path)[0] == "."]
+            others += [path for path in files if not is_image_name(path) and os.path.basename(path)[0] != "."]
         if self.bad_images == "skip":
             return _drop_unreadable(samples, others, folder, self.class_names)
         if others:  # a file named like an image but unreadable stops training when first read, naming the file
@@ -267,8 +265,7 @@ def _drop_unreadable(samples: Samples, others: list[str], folder: Path, names: l
     if bad:
         rank_zero_warn(f"data.bad_images skip: left out {len(bad)} of {len(samples) + len(others)} files in {folder} "
                        f"(first: {bad[0]})")
-    empty = sorted({names[target] for _, target in samples} - {names[target] for _, target in kept})
-    if empty:
+    if empty := sorted({names[target] for _, target in samples} - {names[target] for _, target in kept}):
         raise DataError(f"{folder}: no readable image in class folder(s) {', '.join(empty)}")
     return kept
 

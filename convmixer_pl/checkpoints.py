@@ -91,19 +91,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                               "bare model state dict goes in model.pretrained instead); pass a .ckpt written by "
                               "`convmixer fit`")
     if checkpoint.get("hyper_parameters"):
-        checkpoint["hyper_parameters"] = upgrade_hparams(checkpoint["hyper_parameters"])
+        upgrade_hparams(checkpoint["hyper_parameters"])
     return checkpoint
 
 
 LEGACY_PREPROCESSING = ("class_names", "mean", "std", "crop_pct", "interpolation")
 
 
-def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+def upgrade_hparams(hparams: dict[str, Any]) -> None:
     """Hyper-parameters of checkpoints written before the preprocessing was one `data_config` (separate class_names,
-    mean, std, crop_pct, interpolation): folded into one, with the defaults they had then."""
-    if not any(key in hparams for key in LEGACY_PREPROCESSING):
-        return hparams
-    hparams = dict(hparams)
+    mean, std, crop_pct, interpolation): folded into one, in place, with the defaults they had then."""
     old = {key: hparams.pop(key, None) for key in LEGACY_PREPROCESSING}
     if old["mean"] is not None and old["std"] is not None and hparams.get("image_size"):
         hparams["data_config"] = {"image_size": hparams["image_size"], "in_chans": hparams.get("in_chans", 3),
@@ -111,7 +108,6 @@ def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
                                   "crop_pct": old["crop_pct"] or 1.0,
                                   "interpolation": old["interpolation"] or "bilinear",
                                   "class_names": list(old["class_names"] or [])}
-    return hparams
 
 
 def check_hparams(path: str | os.PathLike, checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -276,16 +272,16 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
+        self._save_last_if_missed(trainer, train_epoch_end=True)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
+        self._save_last_if_missed(trainer, train_epoch_end=False)
 
-    def _save_last_if_missed(self, trainer) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips if saved at this step
+    def _save_last_if_missed(self, trainer, train_epoch_end: bool) -> None:
+        """last.ckpt at the hook where Lightning saves (the train epoch's end, or validation's)."""
+        if (self.save_last and self._should_save_on_train_epoch_end(trainer) == train_epoch_end
+                and not self._should_skip_saving_checkpoint(trainer)):  # skips if saved at this step
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def write_last(self, trainer) -> str:

@@ -119,11 +119,6 @@ def lock_run_folder(folder: Path) -> None:
     _held_locks.append(handle)
 
 
-CKPT_PATH_HELP = ("A .ckpt file written by `convmixer fit`, or `last` (the run's last.ckpt: fit resumes from it) or "
-                  "`best` (the best epoch by val/acc1); validate, test and predict use the run's best checkpoint when "
-                  "it is not given. The run is checkpoints/<name>/.")
-
-
 FULL_HELP = {  # the overview's last lines: how to see a group's options in full (`--help GROUP`)
     "--help model": "the network, loss, optimizer, schedule and speed settings",
     "--help data": "the data modules to choose from",
@@ -195,7 +190,9 @@ def shorten_help(parser) -> None:
             action.choices = [command.split()[1] for command in FULL_HELP if command.startswith("--help ")]
             action.help = "the options used most; GROUP: that group's options in full"
         elif action.dest == "ckpt_path":
-            action.help = CKPT_PATH_HELP
+            action.help = ("A .ckpt file written by `convmixer fit`, or `last` (the run's last.ckpt: fit resumes "
+                           "from it) or `best` (the best epoch by val/acc1); validate, test and predict use the run's "
+                           "best checkpoint when it is not given. The run is checkpoints/<name>/.")
         elif action.dest.startswith("trainer.") and action.help and action.help != argparse.SUPPRESS:
             action.help = " ".join(action.help.split()).split(". ")[0].rstrip(".") + "."
 
@@ -351,8 +348,7 @@ class ConvMixerCLI(LightningCLI):
         once through `read_checkpoint` (memory-mapped, checked, older checkpoints upgraded)."""
         if self._checkpoint is None:
             return
-        # the classes, channels and size come with its data config, or the data module's: check_compatible then
-        # names a mismatch with the checkpoint
+        # classes, channels, size: the data config's (its or the data module's); check_compatible names a mismatch
         hparams = {key: value for key, value in (self._checkpoint[1].get("hyper_parameters") or {}).items()
                    if key not in ("_instantiator", "num_classes", "in_chans", "image_size")}
         if hparams:

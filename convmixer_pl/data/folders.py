@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -114,7 +115,6 @@ class ImageFolderDataModule(ImageDataModule):
         # what the data config takes from the options; unset ones keep DataConfig's defaults
         options = dict(image_size=image_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
         self._options = {key: value for key, value in options.items() if value is not None}
-        self._training_split: tuple[Samples, Samples] | None = None
         if "train" in self.splits:  # the data is known now: the CLI links it into the model
             self._adopt(DataConfig(**self._options, class_names=self._class_folders("train")), "train/")
         # else none: the CLI's link leaves the checkpoint's in the model, and setup adopts the model's
@@ -189,17 +189,15 @@ class ImageFolderDataModule(ImageDataModule):
                             "move it out of the data folder, or set data.bad_images: skip")
         return samples
 
+    @cached_property
     def _training(self) -> tuple[Samples, Samples]:
         """train/'s images to train on, and those held out from them: a seeded `val_fraction` when there is no
         val/, else none. Listed and split once, so that fit, validate and test agree."""
-        if self._training_split is None:
-            samples = self._samples("train")
-            if "val" in self.splits or not self.val_fraction:
-                self._training_split = (samples, [])
-            else:
-                kept, held = fraction_split(len(samples), self.val_fraction, self.seed)
-                self._training_split = ([samples[i] for i in kept], [samples[i] for i in held])
-        return self._training_split
+        samples = self._samples("train")
+        if "val" in self.splits or not self.val_fraction:
+            return samples, []
+        kept, held = fraction_split(len(samples), self.val_fraction, self.seed)
+        return [samples[i] for i in kept], [samples[i] for i in held]
 
     def _evaluation(self, split: str, stage: str | None) -> tuple[Samples, str]:
         """The images that serve as `split` (val or test) and where they are, with the class docstring's fallbacks."""
@@ -216,7 +214,7 @@ class ImageFolderDataModule(ImageDataModule):
             say(f"no {self.root / split}{zero}: {verb} on {self.root / other} ({len(samples)} images)")
             return samples, str(self.root / other)
         if held_out:
-            kept, held = self._training()
+            kept, held = self._training
             neither = f" or {self.root / other}" if split == "test" else ""
             say(f"no {self.root / split}{neither}: {verb} on {len(held)} of the {len(kept) + len(held)} images of "
                 f"{self.root / 'train'}, held out from training (data.val_fraction {self.val_fraction}, "
@@ -250,7 +248,7 @@ class ImageFolderDataModule(ImageDataModule):
             if not hasattr(self, "class_names"):
                 self._adopt_model()
         if stage in ("fit", None) and self.train_set is None:
-            self.train_set = self._dataset(self._training()[0], str(self.root / "train"), train=True)
+            self.train_set = self._dataset(self._training[0], str(self.root / "train"), train=True)
         if stage in ("fit", "validate", None) and self.val_set is None:
             self.val_set = self._dataset(*self._evaluation("val", stage))
         if stage in ("test", "predict", None) and self.test_set is None:

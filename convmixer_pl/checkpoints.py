@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +76,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     turning every failure into a one-line CheckpointError."""
     if not Path(path).is_file():
         raise CheckpointError(f"--ckpt_path {path}: no such file; pass a .ckpt written by `convmixer fit`")
-    try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # a pre-zipfile-format file
+    try:  # torch memory-maps only its zip format (since 1.6): older files are read whole
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # noqa: BLE001 -- whatever torch raises on a file that is no checkpoint
         reason = type(err).__name__ + (f": {' '.join(str(err).split())[:160]}" if str(err) else "")
         raise CheckpointError(f"--ckpt_path {path} is not a checkpoint torch can read ({reason}); pass a .ckpt "
@@ -95,13 +91,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
-LEGACY_PREPROCESSING = ("class_names", "mean", "std", "crop_pct", "interpolation")
-
-
 def upgrade_hparams(hparams: dict[str, Any]) -> None:
     """Hyper-parameters of checkpoints written before the preprocessing was one `data_config` (separate class_names,
     mean, std, crop_pct, interpolation): folded into one, in place, with the defaults they had then."""
-    old = {key: hparams.pop(key, None) for key in LEGACY_PREPROCESSING}
+    old = {key: hparams.pop(key, None) for key in ("class_names", "mean", "std", "crop_pct", "interpolation")}
     if old["mean"] is not None and old["std"] is not None and hparams.get("image_size"):
         hparams["data_config"] = {"image_size": hparams["image_size"], "in_chans": hparams.get("in_chans", 3),
                                   "mean": list(old["mean"]), "std": list(old["std"]),
@@ -111,8 +104,7 @@ def upgrade_hparams(hparams: dict[str, Any]) -> None:
 
 
 def check_hparams(path: str | os.PathLike, checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's hyper-parameters, if `convmixer fit` could have written them (ConvMixerClassifier's and
-    ConvMixer's parameters)."""
+    """The checkpoint's hyper-parameters, if all are ConvMixerClassifier's or ConvMixer's (`convmixer fit`'s)."""
     saved = dict(checkpoint.get("hyper_parameters") or {})
     saved.pop("_instantiator", None)
     accepted = set(inspect.signature(ConvMixerClassifier).parameters) | set(inspect.signature(ConvMixer).parameters)

@@ -60,9 +60,7 @@ def _index_axes(ax, count: int, columns: int, k: int, ylabel: bool = True) -> No
     step = max(1, columns // 8)
     ax.set_xticks([c * (k + 1) + (k - 1) / 2 for c in range(0, columns, step)], range(0, columns, step))
     ax.set_yticks([r * (k + 1) + (k - 1) / 2 for r in range(0, rows, step)], range(0, rows * columns, step * columns))
-    ax.set_xlabel("+ column")
-    if ylabel:
-        ax.set_ylabel("channel")
+    ax.set(xlabel="+ column", ylabel="channel" if ylabel else "")
     ax.tick_params(length=0, labelsize=8)
 
 
@@ -203,8 +201,7 @@ def save_confusion_csv(confmat: torch.Tensor, class_names: list[str], path: str 
     with atomic_write(path, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["true \\ predicted", *class_names])
-        for name, row in zip(class_names, confmat.tolist(), strict=True):
-            writer.writerow([name, *row])
+        writer.writerows([name, *row] for name, row in zip(class_names, confmat.tolist(), strict=True))
 
 
 def read_confusion_csv(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
@@ -215,9 +212,8 @@ def read_confusion_csv(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]
 
 # -- convmixer plots -----------------------------------------------------------------------------------------------
 
-def _newest(paths, accept=lambda path: True) -> Path | None:
-    found = [path for path in paths if accept(path)]
-    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+def _newest(paths, accept=None) -> Path | None:
+    return max(filter(accept, paths), key=lambda path: path.stat().st_mtime, default=None)
 
 
 def plots(ckpt_path: str, log_dir: str | None = None, out: str | None = None) -> Path:

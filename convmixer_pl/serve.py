@@ -243,15 +243,6 @@ def resolve_devices(accelerator: str, devices: str) -> tuple[str, int]:
     return "cuda", wanted
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Say which port is taken in one line, before LitServe starts its worker processes."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        socket.create_server((host, port), family=family).close()
-    except OSError as err:
-        raise ServeError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port") from err
-
-
 def build_server(args: SimpleNamespace) -> ls.LitServer:
     """The LitServer of the checkpoint: the batched predict route, the upload rules and the page at GET /."""
     check_options(args)
@@ -270,32 +261,17 @@ def build_server(args: SimpleNamespace) -> ls.LitServer:
                                           "top_k": min(args.top_k, len(names))})
     server.app.state.upload_rules = UploadRules(config.pil_mode, config.image_transform(), args.max_bytes,
                                                 PixelBudget(args.decode_pixels))
-    add_page(server, page(described))
-    return server
-
-
-def add_page(server: ls.LitServer, content: str) -> None:
-    """GET / serves the page instead of LitServe's "litserve running" (the health check is GET /health)."""
+    # GET / is the page instead of LitServe's "litserve running" (the health check is GET /health)
     router = server.app.router
     router.routes = [route for route in router.routes
                      if not (getattr(route, "path", None) == "/" and "GET" in getattr(route, "methods", ()))]
+    content = page(described)
 
     @server.app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(content)
 
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (kill, docker stop) stops the server and its workers as Ctrl+C does; the HTTP process LitServe forks
-    inherits the handler, and just exits when uvicorn re-raises the signal there once it has stopped."""
-    server_pid = os.getpid()
-
-    def on_sigterm(signum, frame):
-        if os.getpid() == server_pid:
-            raise KeyboardInterrupt
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    return server
 
 
 def serve(ckpt_path: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1", port: int = 8000,
@@ -321,7 +297,10 @@ def serve(ckpt_path: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0
     """
     args = SimpleNamespace(**locals())
     server = build_server(args)
-    check_port_free(host, port)
+    try:  # which port is taken, in one line before LitServe starts its worker processes
+        socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+    except OSError as err:
+        raise ServeError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port") from err
     # everything below is inherited by the HTTP process that LitServe forks, which decodes uploads in threads:
     # PIL only warns between its pixel limit and twice it, and a warning filter is process-wide
     warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -330,7 +309,16 @@ def serve(ckpt_path: str, host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0
         # decoded images (megabytes each) get memory of their own from the system and give it back when freed:
         # glibc's default raises its threshold after the first large free and then keeps them in each thread's heap
         _LIBC.mallopt(-3, 4 * 2**20)  # M_MMAP_THRESHOLD
-    stop_on_sigterm()
+    # SIGTERM (kill, docker stop) stops the server and its workers as Ctrl+C does; the HTTP process LitServe forks
+    # inherits the handler, and just exits when uvicorn re-raises the signal there once it has stopped
+    server_pid = os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() == server_pid:
+            raise KeyboardInterrupt
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     say(f"serving {ckpt_path} on http://{'[::1]' if host == '::' else host}:{port}/ (POST /predict, a page at /; "
         f"max_batch_size {max_batch_size}, batch_timeout {batch_timeout} s)")
     server.run(host=host, port=port, log_level=log_level, generate_client_file=False)

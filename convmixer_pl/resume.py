@@ -69,11 +69,6 @@ class SeededItems(Dataset):
 
 # -- the position in the epoch --------------------------------------------------------------------------------------
 
-def mid_epoch(trainer) -> bool:
-    """Whether some but not all training batches of the current epoch are done."""
-    return 0 < trainer.fit_loop.epoch_loop.batch_progress.current.ready < trainer.num_training_batches
-
-
 class TrainingPosition:
     """The epoch the next training batch belongs to, how many of its batches were trained on, and the settings that
     make the order (batch size, seed, process count). (Not torchdata's StatefulDataLoader state: it is tied to the
@@ -104,16 +99,14 @@ class TrainingPosition:
         any; remembered for `state_dict`."""
         self.loader = loader
         state, self._restored = self._restored, None
-        if not state:
-            return loader
-        saved = (state.get("batch_size"), state.get("seed"), state.get("world_size"))
-        if saved != (batch_size, seed, world_size):
+        saved = state and (state.get("batch_size"), state.get("seed"), state.get("world_size"))
+        if saved and saved != (batch_size, seed, world_size):
             say(f"the checkpoint was trained with data.batch_size {saved[0]}, data.seed {saved[1]} on {saved[2]} "
                 f"process(es); this run uses {batch_size}, {seed} and {world_size}: the resumed epoch starts from "
                 "its first batch and the data order differs from an uninterrupted run")
-            return loader
-        loader.sampler.set_epoch(state["epoch"])  # before the first iterator: workers prefetch from it
-        loader.sampler.load_state_dict({"yielded": state["batches"] * batch_size})  # skipped once
+        elif saved:
+            loader.sampler.set_epoch(state["epoch"])  # before the first iterator: workers prefetch from it
+            loader.sampler.load_state_dict({"yielded": state["batches"] * batch_size})  # skipped once
         return loader
 
 
@@ -175,8 +168,10 @@ class ResumeState(Callback):
 def save_metric_states(checkpoint: dict[str, Any], trainer, metrics: dict[str, Any]) -> None:
     """Every process's running sums of this epoch's training `metrics` (torchmetrics), so that an epoch resumed
     part-way reports the same means; not in the state_dict, which holds rank 0's alone."""
-    if trainer is None or trainer.state.fn != "fit" or not mid_epoch(trainer):
+    if trainer is None or trainer.state.fn != "fit":
         return
+    if not 0 < trainer.fit_loop.epoch_loop.batch_progress.current.ready < trainer.num_training_batches:
+        return  # not mid-epoch: no running sums to resume
     checkpoint["train_metric_states"] = per_process(
         {name: {k: v.detach().cpu().clone() for k, v in metric.metric_state.items()}
          for name, metric in metrics.items()})

@@ -203,10 +203,9 @@ def state_differences(model: nn.Module, state: Mapping[str, torch.Tensor], n: in
     def short(items: list[str]) -> str:
         return "[" + ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "") + "]"
 
-    problems = [(label, items) for label, items in (("missing keys", [k for k in own if k not in state]),
-                                                    ("unexpected keys", [k for k in state if k not in own]),
-                                                    ("wrong shapes", wrong)) if items]
-    return "; ".join(f"{label} {short(items)}" for label, items in problems) or None
+    problems = {"missing keys": [k for k in own if k not in state],
+                "unexpected keys": [k for k in state if k not in own], "wrong shapes": wrong}
+    return "; ".join(f"{label} {short(items)}" for label, items in problems.items() if items) or None
 
 
 def load_pretrained(model: ConvMixer, path: str | Path) -> None:

@@ -160,15 +160,12 @@ def config_trunk(config: Mapping, source: str) -> dict:
     return trunk({**args, "act": act})
 
 
-def hf_folder(path: Path) -> Path | None:
-    """The timm / Hugging Face folder that `path` names (the folder, its config.json or its weights), else None."""
+def hf_weights(path: Path, model: ConvMixer) -> Path | None:
+    """The weights file of the timm / Hugging Face folder that `path` names (the folder, its config.json or its
+    weights), its config.json checked against `model`; None if `path` names no such folder."""
     folder = path if path.is_dir() else path.parent
-    names_folder = path.is_dir() or path.name == HF_CONFIG or path.name in HF_WEIGHTS
-    return folder if names_folder and (folder / HF_CONFIG).is_file() else None
-
-
-def read_hf_folder(folder: Path, path: Path, model: ConvMixer) -> Path:
-    """Check the config.json of `folder` (which `path` names) against `model`; return the weights file to read."""
+    if not ((path.is_dir() or path.name in (HF_CONFIG, *HF_WEIGHTS)) and (folder / HF_CONFIG).is_file()):
+        return None
     source = f"model.pretrained {folder / HF_CONFIG}"
     try:
         config = json.loads((folder / HF_CONFIG).read_text())
@@ -181,8 +178,7 @@ def read_hf_folder(folder: Path, path: Path, model: ConvMixer) -> Path:
         fix = ", ".join(f"model.{key} {theirs[key]}" for key in theirs if theirs[key] != ours[key])
         raise WeightsError(f"{source}: the folder holds {config.get('architecture')} ({_spelled(theirs)}), the "
                            f"model is {_spelled(ours)}: set {fix}")
-    weights = path if path.name in HF_WEIGHTS else next((folder / n for n in HF_WEIGHTS if (folder / n).is_file()),
-                                                       None)
+    weights = path if path.name in HF_WEIGHTS else next(filter(Path.is_file, (folder / n for n in HF_WEIGHTS)), None)
     if weights is None:
         raise WeightsError(f"model.pretrained {folder}: no {' or '.join(HF_WEIGHTS)} beside config.json; export "
                            "the folder again")
@@ -213,8 +209,8 @@ def load_pretrained(model: ConvMixer, path: str | Path) -> None:
     its config.json), load it, and say in one line what changed. A head for another class count is left out (the
     model keeps its freshly initialised head); anything else that does not fit is an error."""
     path = Path(path)
-    if folder := hf_folder(path):
-        path = read_hf_folder(folder, path, model)
+    if from_folder := hf_weights(path, model):
+        path = from_folder
     elif path.is_dir():
         raise WeightsError(f"model.pretrained {path} is a folder without {HF_CONFIG}; name a weights file, or a "
                            "folder written by `convmixer export --format hf`")
@@ -239,7 +235,7 @@ def load_pretrained(model: ConvMixer, path: str | Path) -> None:
         found = "no head" if file_head is None else f"a {file_head.shape[0]}-class head"
         say(f"model.pretrained {path}: the file has {found}, the model {model.num_classes} classes: "
             "the head is re-initialised")
-    if folder is None and "relu" in path.name.lower() and model.act != "relu":
+    if from_folder is None and "relu" in path.name.lower() and model.act != "relu":
         # a folder's config.json was checked
         say(f"model.pretrained {path}: the file name says ReLU but model.act is {model.act}; "
             "set model.act: relu for this file (the 768/32 release uses ReLU)")

@@ -135,8 +135,7 @@ class BatchAugment:
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
                  scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
-                 erase_prob: float = 0.0, erase_scale: Sequence[float] = (0.02, 0.33),
-                 erase_ratio: Sequence[float] = (0.3, 3.3), erase_value: float | None = 0.0, ra_num_ops: int = 0,
+                 erase_prob: float = 0.0, erase_value: float | None = 0.0, ra_num_ops: int = 0,
                  ra_magnitude: int = 9, ra_magnitude_bins: int = 31, ra_interpolation: str = "nearest",
                  color_jitter: float = 0.0) -> None:
         self.image_size, self.scale, self.ratio, self.hflip = image_size, tuple(scale), tuple(ratio), hflip
@@ -144,8 +143,7 @@ class BatchAugment:
                             if ra_num_ops > 0 else None)
         self.color_jitter = BatchColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
         self.normalize = Normalize(mean, std)
-        self.erase_prob, self.erase_scale, self.erase_ratio = erase_prob, tuple(erase_scale), tuple(erase_ratio)
-        self.erase_value = erase_value
+        self.erase_prob, self.erase_value = erase_prob, erase_value
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, height, width = images.shape
@@ -162,8 +160,8 @@ class BatchAugment:
             out = out.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
         out = self.normalize(out)
         if self.erase_prob > 0:
-            boxes = sample_erasing(n, self.image_size, self.image_size, self.erase_prob, self.erase_scale,
-                                   self.erase_ratio, generator)
+            boxes = sample_erasing(n, self.image_size, self.image_size, self.erase_prob, (0.02, 0.33), (0.3, 3.3),
+                                   generator)  # torchvision's scale and ratio, as the per-image pipeline's
             out = erase(out, boxes, self.erase_value, generator)
         return out
 

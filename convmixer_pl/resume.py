@@ -75,9 +75,8 @@ class TrainingPosition:
     worker count, and Lightning restores it only into a loader built after the restore, which the one-cycle
     schedule's `estimated_stepping_batches` builds before.)"""
 
-    def __init__(self) -> None:
-        self.loader = None  # the training loader whose sampler holds the position
-        self._restored: dict | None = None  # the position of the checkpoint being resumed from
+    loader = None  # the training loader whose sampler holds the position
+    _restored: dict | None = None  # the position of the checkpoint being resumed from
 
     def state_dict(self, trainer, batch_size: int, seed: int) -> dict:
         if trainer is None or self.loader is None or trainer.state.fn != "fit":
@@ -146,8 +145,7 @@ class ResumeState(Callback):
     before the first resumed batch is drawn: loading the model, the sanity check and creating the loader iterator
     come after Lightning restores callbacks, and may draw random numbers that the batches must not see."""
 
-    def __init__(self) -> None:
-        self._loaded: list[dict[str, Any]] | None = None
+    _loaded: list[dict[str, Any]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": per_process(rng_state())}

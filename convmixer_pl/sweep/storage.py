@@ -137,7 +137,7 @@ def open_study(storage, shown: str, name: str, direction: str, sampler, pruner) 
         study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
                                     direction=direction, load_if_exists=True)
         study.set_user_attr("last_worker_start", time.strftime("%Y-%m-%d %H:%M:%S %z"))
+        return study
     except Exception as err:
         raise SweepError(f"storage {shown}: cannot write study {name} ({first_line(err)}); "
                          "give a storage you can write to") from None
-    return study

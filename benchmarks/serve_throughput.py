@@ -35,6 +35,7 @@ from torchvision.io import encode_png
 from benchmarks.official import convmixer_command, convmixer_env
 from convmixer_pl.benchmark import Figure, cpu_name, time_calls
 from convmixer_pl.checkpoints import load_module
+from convmixer_pl.console import run_entry_point
 from convmixer_pl.data.cifar import CIFAR10_CLASSES
 from convmixer_pl.files import atomic_write
 from convmixer_pl.module import ConvMixerClassifier
@@ -45,7 +46,8 @@ def build_checkpoint(path: Path) -> Path:
     """ConvMixer-256/8 for 32 px CIFAR-10 images, random weights: the state dict and hyper-parameters that
     `load_module` (and so `convmixer serve`) reads from a checkpoint of `convmixer fit`."""
     module = ConvMixerClassifier("convmixer_256_8", data_config=DataConfig(32, class_names=CIFAR10_CLASSES))
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    with atomic_write(path, "wb") as f:
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, f)
     return path
 
 
@@ -178,4 +180,4 @@ def serve_throughput(ckpt_path: str | None = None, requests: int = 512, clients:
 
 
 if __name__ == "__main__":
-    CLI(serve_throughput)
+    run_entry_point(lambda: CLI(serve_throughput), prog="benchmarks.serve_throughput")

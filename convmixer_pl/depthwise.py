@@ -111,21 +111,19 @@ def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, 
         except Exception as err:  # a compiler missing or failing: fall back for the rest of the process
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             _disable_compiled(f"compiling the CPU weight-gradient kernel failed ({first_line})")
-        else:
+        else:  # the bias gradient comes with it: the caller drops it where there is no bias
             key = (tuple(x.shape), x.dtype, grad_out.dtype, padding)
-            if key in _checked_keys:
-                return grad_w, grad_b if with_bias else None
-            # generated code has been wrong before (`_vector_bits`): each new shape's first result is checked
-            # against oneDNN's before the kernel is trusted with it
-            _, ref_w, ref_b = onednn_backward(grad_out.float(), x.float(), weight.float(), [False, True, True])
-            if _matches(grad_w, ref_w) and _matches(grad_b, ref_b):
+            if key not in _checked_keys:
+                # generated code has been wrong before (`_vector_bits`): each new shape's first result is checked
+                # against oneDNN's before the kernel is trusted with it
+                _, ref_w, ref_b = onednn_backward(grad_out.float(), x.float(), weight.float(), [False, True, True])
+                if not (_matches(grad_w, ref_w) and _matches(grad_b, ref_b)):
+                    _disable_compiled(f"the compiled CPU weight-gradient kernel disagreed with oneDNN's for shape "
+                                      f"{list(x.shape)}")
+                    return ref_w, ref_b
                 _checked_keys.add(key)
-                return grad_w, grad_b if with_bias else None
-            _disable_compiled(f"the compiled CPU weight-gradient kernel disagreed with oneDNN's for shape "
-                              f"{list(x.shape)}")
-            return ref_w, ref_b if with_bias else None
-    _, grad_w, grad_b = onednn_backward(grad_out.float(), x.float(), weight.float(), [False, True, with_bias])
-    return grad_w, grad_b
+            return grad_w, grad_b
+    return onednn_backward(grad_out.float(), x.float(), weight.float(), [False, True, with_bias])[1:]
 
 
 def _matches(value: torch.Tensor, reference: torch.Tensor) -> bool:
@@ -155,7 +153,7 @@ class _CPUDepthwise(torch.autograd.Function):
             # in the weight's own strides (channels_last or not): autograd's gradient layout contract, which DDP's
             # gradient buckets rely on
             grad_w = torch.empty_like(w, dtype=weight_dtype).copy_(grad_w)
-            grad_b = None if grad_b is None else grad_b.to(bias_dtype)
+            grad_b = None if bias_dtype is None else grad_b.to(bias_dtype)
         return grad_x, grad_w, grad_b
 
 

@@ -122,11 +122,10 @@ class PeakMemory:
 
     @staticmethod
     def _reset_rss_peak() -> bool:
-        try:
+        with suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        except OSError:
-            return False
-        return True
+            return True
+        return False
 
     def start(self) -> None:
         gc.collect()

@@ -111,9 +111,8 @@ class ImageDataModule(L.LightningDataModule):
         return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None, **kwargs) -> DataLoader:
-        pin = self.pin_memory
-        if pin is None:
-            pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        pin = self.pin_memory if self.pin_memory is not None else (
+            self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
         # each loader has its own generator: creating an iterator draws worker seeds from it, and from the global
         # random stream otherwise, which would then depend on how often (with persistent workers) they are created
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,

@@ -69,10 +69,8 @@ def write_best_config(best: FrozenTrial, plan: Plan) -> Path:
     folder = plan.out_dir / "trials" / str(best.number)  # as this worker sees the sweep's folder
     saved = sorted(folder.glob("lightning_logs/version_*/config.yaml"), key=os.path.getmtime)
     name = f"{plan.study_name}_best"
-    if saved:  # written by the trial's own `convmixer fit`
-        config = yaml.safe_load(saved[-1].read_text())
-    else:  # the trial ran on another machine, its folder is not here: the same config, made again
-        config = fit_config(plan, best.params, name)
+    # written by the trial's own `convmixer fit`; else the trial ran on another machine: the same config, made again
+    config = yaml.safe_load(saved[-1].read_text()) if saved else fit_config(plan, best.params, name)
     config["name"] = name
     config.setdefault("checkpoint", {})["dirpath"] = None
     config.setdefault("trainer", {})["default_root_dir"] = None

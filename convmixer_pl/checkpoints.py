@@ -41,12 +41,10 @@ def best_or_last(dirpath: Path) -> Path | None:
     if not last.is_file():
         return None
     state = read_checkpoint(last)  # a damaged file: one line naming it, not a traceback
-    for key, value in state.get("callbacks", {}).items():
-        if key.startswith(("RunCheckpoint", "ModelCheckpoint")) and value.get("best_model_path"):
-            best = dirpath / Path(value["best_model_path"]).name  # this folder's, wherever the run was written
-            if best.is_file():
-                return best
-    return last
+    best = (dirpath / Path(value["best_model_path"]).name  # this folder's, wherever the run was written
+            for key, value in state.get("callbacks", {}).items()
+            if key.startswith(("RunCheckpoint", "ModelCheckpoint")) and value.get("best_model_path"))
+    return next((path for path in best if path.is_file()), last)
 
 
 def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, dirpath: Path) -> str | None:
@@ -105,8 +103,7 @@ def upgrade_hparams(hparams: dict[str, Any]) -> None:
 
 def check_hparams(path: str | os.PathLike, checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's hyper-parameters, if all are ConvMixerClassifier's or ConvMixer's (`convmixer fit`'s)."""
-    saved = dict(checkpoint.get("hyper_parameters") or {})
-    saved.pop("_instantiator", None)
+    saved = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k != "_instantiator"}
     accepted = set(inspect.signature(ConvMixerClassifier).parameters) | set(inspect.signature(ConvMixer).parameters)
     if unknown := sorted(set(saved) - accepted):
         raise CheckpointError(f"--ckpt_path {path} was written by another model (its hyper-parameters "
@@ -153,9 +150,8 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
         probe.write_bytes(b"")
         probe.unlink(missing_ok=True)
     except OSError as err:
-        reason = err.strerror or str(err)
-        raise CheckpointError(f"{what} {folder} cannot be written ({reason}: {err.filename}); choose another "
-                              "--checkpoint.dirpath or --name") from err
+        raise CheckpointError(f"{what} {folder} cannot be written ({err.strerror or err}: {err.filename}); "
+                              "choose another --checkpoint.dirpath or --name") from err
 
 
 def load_module(path: str | os.PathLike):

@@ -449,33 +449,30 @@ class ConvMixerCLI(LightningCLI):
     @staticmethod
     def _fall_back_to_cpu(trainer, data=None) -> None:
         """Run a GPU config on a machine without one, saying what changed, instead of crashing."""
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() or trainer.accelerator not in ("gpu", "cuda"):
             return
-        changes = []
-        if trainer.accelerator in ("gpu", "cuda"):
-            if (trainer.num_nodes or 1) > 1:  # one CPU process per node would wait for GPU ranks that never come
-                raise CLIError(f"trainer.num_nodes is {trainer.num_nodes} with accelerator {trainer.accelerator}, but "
-                               "this machine has no GPU: launch multi-node runs on the GPU nodes "
-                               "(docs/distributed.md), or set --trainer.accelerator cpu for CPU processes")
-            changes.append(f"accelerator {trainer.accelerator} -> cpu")
-            trainer.accelerator = "cpu"
-            if trainer.devices not in (1, "1"):
-                changes.append(f"devices {trainer.devices} -> 1")
-                trainer.devices = 1
-            if trainer.strategy not in ("auto", None):
-                strategy = getattr(trainer.strategy, "class_path", trainer.strategy)  # a name or a class_path
-                changes.append(f"strategy {str(strategy).rsplit('.', 1)[-1]} -> auto")
-                trainer.strategy = "auto"
-        if changes and trainer.precision is not None and cpu_fallback_precision(trainer.precision) is None:
+        if (trainer.num_nodes or 1) > 1:  # one CPU process per node would wait for GPU ranks that never come
+            raise CLIError(f"trainer.num_nodes is {trainer.num_nodes} with accelerator {trainer.accelerator}, but "
+                           "this machine has no GPU: launch multi-node runs on the GPU nodes "
+                           "(docs/distributed.md), or set --trainer.accelerator cpu for CPU processes")
+        changes = [f"accelerator {trainer.accelerator} -> cpu"]
+        trainer.accelerator = "cpu"
+        if trainer.devices not in (1, "1"):
+            changes.append(f"devices {trainer.devices} -> 1")
+            trainer.devices = 1
+        if trainer.strategy not in ("auto", None):
+            strategy = getattr(trainer.strategy, "class_path", trainer.strategy)  # a name or a class_path
+            changes.append(f"strategy {str(strategy).rsplit('.', 1)[-1]} -> auto")
+            trainer.strategy = "auto"
+        if trainer.precision is not None and cpu_fallback_precision(trainer.precision) is None:
             changes.append(f"precision {trainer.precision} -> measured on this CPU")  # never emulated bf16 or fp16
             trainer.precision = None
-        if changes and data is not None and (data.get("init_args") or {}).get("num_workers"):
+        if data is not None and (data.get("init_args") or {}).get("num_workers"):
             workers = cpu_fallback_workers(data.init_args.num_workers)
             if workers != data.init_args.num_workers:
                 changes.append(f"data.num_workers {data.init_args.num_workers} -> {workers}")
                 data.init_args.num_workers = workers
-        if changes:
-            say("no GPU found; falling back: " + ", ".join(changes))
+        say("no GPU found; falling back: " + ", ".join(changes))
 
 
 def _run_cli(args) -> None:

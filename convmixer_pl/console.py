@@ -31,14 +31,12 @@ def one_line(err: BaseException) -> str:
     while err is not None and len(chain) < 20:
         chain.append(err)
         err = err.__cause__ or err.__context__
-    own = next((e for e in chain if type(e).__module__.startswith("convmixer_pl")), None)
-    if own is None:
-        own = chain[-1] if "\n" in str(chain[0]) and isinstance(chain[-1], ValueError) else chain[0]
+    fallback = chain[-1] if "\n" in str(chain[0]) and isinstance(chain[-1], ValueError) else chain[0]
+    own = next((e for e in chain if type(e).__module__.startswith("convmixer_pl")), fallback)
     message = str(own).strip()
     if "Original Traceback" in message:
         message = message.splitlines()[-1]
-        prefix = f"{type(own).__module__}.{type(own).__qualname__}: "
-        message = message[len(prefix):] if message.startswith(prefix) else message
+        message = message.removeprefix(f"{type(own).__module__}.{type(own).__qualname__}: ")
     return " ".join(message.split())
 
 

@@ -56,9 +56,7 @@ def architecture(variant: str | None, given: dict[str, Any], config: DataConfig 
 def use_channels_last(setting: bool | None, device: torch.device, kernel_size: int) -> bool:
     """`setting`, or where it is None the measured choice: channels-last helps on the CPU and for kernels up to
     7 on GPUs, and slows kernel-9 models down on GPUs (docs/benchmarks.md)."""
-    if setting is not None:
-        return setting
-    return device.type == "cpu" or (device.type == "cuda" and kernel_size <= 7)
+    return setting if setting is not None else (device.type == "cpu" or (device.type == "cuda" and kernel_size <= 7))
 
 
 class ConvMixerClassifier(L.LightningModule):
@@ -139,9 +137,7 @@ class ConvMixerClassifier(L.LightningModule):
         arch = architecture(variant, {k: v for k, v in locals().items() if k in convmixer.parameters}, config)
         self.model = ConvMixer(**arch)
         # the whole architecture, ConvMixer's defaults included, so every checkpoint states it
-        bound = convmixer.bind(**arch)
-        bound.apply_defaults()
-        self.hparams.update(bound.arguments)
+        self.hparams.update({**{name: p.default for name, p in convmixer.parameters.items()}, **arch})
         self.hparams["fast_depthwise_grad"] = fast_depthwise_grad  # None: a speed choice, not the architecture
         self._channels_last = self._compiled = False  # applied in setup(), once the device is known
         self._schedule: tuple[int, int] | None = None  # (steps of the lr schedule, the step it was saved at)
@@ -287,10 +283,8 @@ class ConvMixerClassifier(L.LightningModule):
                 if param.requires_grad:
                     (decay if weighted and name == "weight" else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, eps=hp.opt_eps)
-        else:
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, nesterov=True)
+        optimizer = (torch.optim.AdamW(groups, lr=hp.lr, eps=hp.opt_eps) if hp.optimizer == "adamw"
+                     else torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, nesterov=True))
         if hp.scheduler == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))

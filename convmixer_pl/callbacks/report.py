@@ -43,9 +43,8 @@ def per_class_table(names: list[str], values: dict[str, torch.Tensor]) -> list[l
     support = values["confusion"].sum(1).tolist()
     columns = [values[f"{name}/none"].tolist() for name in SCORES]
     rows = [[name, *scores, int(count)] for name, *scores, count in zip(names, *columns, support, strict=True)]
-    for label, average in AVERAGES.items():
-        rows.append([label, *(float(values[f"{name}/{average}"]) for name in SCORES), int(sum(support))])
-    return rows
+    return rows + [[label, *(float(values[f"{name}/{average}"]) for name in SCORES), int(sum(support))]
+                   for label, average in AVERAGES.items()]
 
 
 class PerClassReport(Callback):
@@ -100,9 +99,6 @@ class PerClassReport(Callback):
 
 def format_table(rows: list[list]) -> str:
     width = max(12, *(len(str(row[0])) for row in rows))
-    lines = [f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}"]
-    for i, (name, p, r, f, s) in enumerate(rows):
-        if i == len(rows) - len(AVERAGES):
-            lines.append("")
-        lines.append(f"{name:<{width}} {p:>9.4f} {r:>9.4f} {f:>9.4f} {s:>8d}")
-    return "\n".join(lines)
+    lines = [f"{name:<{width}} {p:>9.4f} {r:>9.4f} {f:>9.4f} {s:>8d}" for name, p, r, f, s in rows]
+    header = f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}"
+    return "\n".join([header, *lines[:-len(AVERAGES)], "", *lines[-len(AVERAGES):]])  # the averages apart

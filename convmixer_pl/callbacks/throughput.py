@@ -18,10 +18,9 @@ class ThroughputCallback(L.Callback):
     Lightning's `ThroughputMonitor` synchronises CUDA after every batch and needs FLOPs, hence this one.
     """
 
-    def __init__(self) -> None:
-        self._start: float | None = None
-        self._val_start: float | None = None
-        self._paused, self._images = 0.0, 0
+    _start: float | None = None
+    _val_start: float | None = None
+    _paused, _images = 0.0, 0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start, self._paused, self._images = None, 0.0, 0

@@ -31,10 +31,9 @@ def _op_matrix(name: str, magnitude: float, height: int, width: int) -> list[flo
         shear = math.degrees(math.atan(magnitude))
         return inverse_affine_matrix([-width * 0.5, -height * 0.5], 0.0, [0.0, 0.0], 1.0,
                                      [shear, 0.0] if name == "ShearX" else [0.0, shear])
-    if name == "TranslateX":
-        return inverse_affine_matrix([0.0, 0.0], 0.0, [float(int(magnitude)), 0.0], 1.0, [0.0, 0.0])
-    if name == "TranslateY":
-        return inverse_affine_matrix([0.0, 0.0], 0.0, [0.0, float(int(magnitude))], 1.0, [0.0, 0.0])
+    if name in ("TranslateX", "TranslateY"):
+        shift = [float(int(magnitude)), 0.0] if name == "TranslateX" else [0.0, float(int(magnitude))]
+        return inverse_affine_matrix([0.0, 0.0], 0.0, shift, 1.0, [0.0, 0.0])
     if name == "Rotate":  # F.rotate: the angle taken modulo 360, and negated for the affine matrix
         return inverse_affine_matrix([0.0, 0.0], -(magnitude % 360), [0.0, 0.0], 1.0, [0.0, 0.0])
     return [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]

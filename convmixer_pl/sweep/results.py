@@ -30,9 +30,7 @@ def write_results(study: optuna.Study, plan: Plan) -> Path:
     rows = [_row(trial, keys, retried.get(trial.number)) for trial in trials]
     csv_path = plan.out_dir / "trials.csv"
     with atomic_write(csv_path, newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
+        csv.writer(handle).writerows([header, *rows])
     print(_table(header[:-2], [row[:-2] for row in rows]), flush=True)
     if any(t.state == TrialState.COMPLETE for t in trials):
         best = study.best_trial

@@ -59,9 +59,8 @@ class PredictionWriter(BasePredictionWriter):
         ranked = dict(pair for part in parts for pair in part)  # a sampler that pads with repeats: one row each
         paths = getattr(dataset, "paths", None) or [path for path, _ in getattr(dataset, "samples", [])] or None
         targets = getattr(dataset, "targets", None)
-        k = min(self.top_k, len(names))
         fixed = ["index"] + (["path"] if paths else []) + (["target"] if targets is not None else [])
-        header = fixed + [f"{field}{j}" for j in range(1, k + 1) for field in ("class", "prob")]
+        header = fixed + [f"{col}{j}" for j in range(1, min(self.top_k, len(names)) + 1) for col in ("class", "prob")]
         records = []
         for index in sorted(ranked):
             record = {"index": index}

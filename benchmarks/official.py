@@ -237,11 +237,9 @@ class Run:
                         self.timed_out = True
                         with contextlib.suppress(ProcessLookupError):
                             os.killpg(proc.pid, sig)
-                    try:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
                         self.returncode = proc.wait(timeout=wait_s)
                         break
-                    except subprocess.TimeoutExpired:
-                        continue
         self.wall_s = time.perf_counter() - start
         if self.timed_out:
             self.error = f"stopped at its time budget of {timeout_s:.0f} s"

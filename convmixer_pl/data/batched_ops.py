@@ -201,8 +201,7 @@ class BatchColorJitter:
         their ids 0, 1, 2 (torchvision's `fn_idx`)."""
         draw = torch.rand((n, 3), generator=generator, device=generator.device)
         factors = torch.stack([draw[:, i] * (high - low) + low for i, (low, high) in enumerate(self.ranges)], dim=1)
-        order = torch.rand((n, 3), generator=generator, device=generator.device).argsort(dim=1)
-        return factors, order
+        return factors, torch.rand((n, 3), generator=generator, device=generator.device).argsort(dim=1)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """ColorJitter on `images`, which it overwrites (pass a copy to keep them)."""

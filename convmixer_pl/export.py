@@ -49,8 +49,14 @@ def write_onnx(module, output: Path, opset: int = 18) -> None:
                                 output_names=["logits"], opset_version=opset, dynamo=True,
                                 dynamic_shapes=_DYNAMIC_BATCH, verbose=False)
     program.model.metadata_props["convmixer"] = json.dumps(metadata(module))
-    with atomic_write(output, "wb") as f:
-        f.write(program.model_proto.SerializeToString())
+    tmp = temporary_path(output)
+    try:
+        program.save(str(tmp))  # to a path (over 2 GB, with external data): staged beside the target, then moved
+        os.replace(tmp, output)
+    except OSError as err:
+        raise OutputError(f"cannot write {output} ({err.strerror or err}); choose another --output") from err
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_pt2(module, output: Path, **_) -> None:

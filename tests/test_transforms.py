@@ -14,12 +14,11 @@ from convmixer_pl.data import (
     CIFAR_STD,
     Augmentation,
     CIFARDataModule,
-    DataConfig,
     DataError,
     ImageFolderDataModule,
 )
 from convmixer_pl.module import ConvMixerClassifier
-from convmixer_pl.preprocessing import Normalize
+from convmixer_pl.preprocessing import DataConfig, Normalize
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

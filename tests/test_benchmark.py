@@ -5,6 +5,7 @@ how fast anything ran."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import subprocess
@@ -102,24 +103,30 @@ def test_clock_counts_other_processes_cpu_and_not_its_own():
     assert figure.others is not None and 0 < figure.others <= os.cpu_count()
 
 
+def touched_pages(mib: int) -> mmap.mmap:
+    """`mib` MiB of anonymous memory, every page written: resident until closed, whatever malloc keeps."""
+    block = mmap.mmap(-1, mib * 2**20)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1
+    return block
+
+
 def test_peak_memory_sees_an_allocation():
     memory = PeakMemory(torch.device("cpu"))
     assert memory.available, "/proc/self/clear_refs is not writable here: CPU peak memory cannot be measured"
     memory.start()
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    del block
+    touched_pages(64).close()  # 64 MiB resident, then unmapped (handed back to the OS at once)
     assert 60 < memory.peak_mib() < 200
     memory.reset_peak()  # forgets the block: the peak is back near the baseline
     assert memory.peak_mib() < 30
 
 
 def test_peak_memory_leaves_out_what_was_freed_before_start():
-    garbage = torch.ones(256 * 2**20 // 4)  # 256 MiB in use when the meter is made, freed before start()
+    garbage = touched_pages(256)  # 256 MiB resident when the meter is made, freed before start()
     memory = PeakMemory(torch.device("cpu"))
-    del garbage
+    garbage.close()
     memory.start()
-    block = torch.ones(64 * 2**20 // 4)
-    del block
+    touched_pages(64).close()
     assert 60 < memory.peak_mib() < 200
 
 
